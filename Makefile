@@ -1,0 +1,47 @@
+# proscale: every target installs what it needs into .venv first (idempotent, re-run when pyproject changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MPLBACKEND ?= Agg
+export WANDB_MODE ?= offline
+export HYDRA_FULL_ERROR ?= 1
+
+.PHONY: install test test-all lint train ablation flops-table bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+## The test command (README, .ci/run): lint + the default (fast) suite.
+test: lint
+	$(PY) -m pytest -q
+
+## Everything, slow tests included.
+test-all: lint
+	$(PY) -m pytest -q -m ''
+
+## The main job on the embedded default: synthetic data, PRO-SCALE (3,3,3) + LPE, CPU.
+train: $(STAMP)
+	$(PY) scripts/train.py experiment=cpu_synthetic $(ARGS)
+
+## The paper's ablation on the CPU preset (override e.g. `make ablation ARGS="trainer.max_steps=20"`).
+ablation: $(STAMP)
+	$(PY) scripts/train.py -m experiment=cpu_ablation $(ARGS)
+	$(PY) scripts/make_tables.py --latest
+
+flops-table: $(STAMP)
+	$(PY) scripts/flops.py --table $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/benchmark.py --out benchmarks/RESULTS.md --json benchmarks/results.json $(ARGS)
+
+clean:
+	rm -rf outputs logs .pytest_cache .ruff_cache

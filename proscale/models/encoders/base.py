@@ -1,0 +1,139 @@
+"""The interface every multi-scale encoder implements, and the pieces the deformable ones share.
+
+An encoder sits inside the pixel decoder between the input projections and the FPN tail:
+
+    input : feats = [s5, s4, s3], each (B, C, H_l, W_l), coarse first (strides 32, 16, 8), C = d_model
+    output: the same list layout and shapes, refined
+
+so the pixel decoder, transformer decoder, loss and inference never care which encoder runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from proscale.models.ops import MSDeformAttn
+from proscale.models.position_encoding import PositionEmbeddingSine
+from proscale.registry import Registry
+
+ENCODERS = Registry("encoder")
+
+
+class MultiScaleEncoder(nn.Module):
+    """Base class: ``forward(feats: list[(B, C, H_l, W_l)] coarse first) -> same shapes``."""
+
+    d_model: int
+    num_levels: int = 3
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def flatten_levels(feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """[(B, C, H_l, W_l)] -> tokens (B, sum H_l*W_l, C) and the Python-int spatial shapes."""
+    shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+    tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)
+    return tokens, shapes
+
+
+def unflatten_levels(tokens: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Inverse of :func:`flatten_levels`: (B, S, C) -> [(B, C, H_l, W_l)]."""
+    batch, _, channels = tokens.shape
+    chunks = tokens.split([h * w for h, w in shapes], dim=1)
+    return [c.transpose(1, 2).reshape(batch, channels, h, w) for c, (h, w) in zip(chunks, shapes)]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """One Deformable-DETR encoder layer, post-norm (Mask2Former's ``MSDeformAttnTransformerEncoderLayer``).
+
+    x = norm1(x + attn(x + pos)); x = norm2(x + ffn(x)).
+
+    forward(tokens (B, S, C), pos (B, S, C), reference_points (B, S, L, 2), spatial_shapes) -> (B, S, C)
+    where the queries are the tokens themselves (self-attention over all levels).
+    ``query_slice`` lets a layer update only the first ``n`` tokens while sampling from all of them
+    (Lite-DETR's high-level updates): then tokens/pos/reference_points are the full sequence and only
+    ``tokens[:, :n]`` is returned updated, the rest passes through unchanged.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 3,
+        n_heads: int = 8,
+        n_points: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        num_queries: int | None = None,
+    ) -> Tensor:
+        if num_queries is None:
+            query, query_pos, query_ref = tokens, pos, reference_points
+        else:
+            query, query_pos, query_ref = (
+                tokens[:, :num_queries],
+                pos[:, :num_queries],
+                reference_points[:, :num_queries],
+            )
+        attended = self.self_attn(query + query_pos, query_ref, tokens, spatial_shapes)
+        out = self.norm1(query + self.dropout1(attended))
+        out = self.norm2(out + self.dropout3(self.linear2(self.dropout2(self.activation(self.linear1(out))))))
+        if num_queries is None:
+            return out
+        return torch.cat([out, tokens[:, num_queries:]], dim=1)
+
+
+def reference_points_for(shapes: list[tuple[int, int]], batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Deformable-DETR encoder reference points: normalized pixel centres of every token, repeated for
+    every level (valid ratios are 1: Mask2Former never masks padding in the pixel decoder).
+
+    Returns (B, S, L, 2) with (x, y) in (0, 1).
+    """
+    points = []
+    for h, w in shapes:
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
+    ref = torch.cat(points, 0).to(dtype)  # (S, 2)
+    return ref[None, :, None, :].expand(batch, -1, len(shapes), -1)
+
+
+class SineLevelEmbedding(nn.Module):
+    """Sine positional embedding + learned per-level embedding, flattened like the tokens.
+
+    ``level_embed``: (L, C) parameter (Mask2Former's ``transformer.level_embed``).
+    forward(feats [(B, C, H_l, W_l)]) -> (B, S, C); the sine part is cached per shape.
+    """
+
+    def __init__(self, d_model: int = 256, num_levels: int = 3) -> None:
+        super().__init__()
+        self.pos = PositionEmbeddingSine(d_model // 2)
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        out = []
+        for level, f in enumerate(feats):
+            batch, _, h, w = f.shape
+            sine = self.pos.embedding(h, w, f.device, f.dtype).flatten(1).transpose(0, 1)  # (H*W, C)
+            out.append((sine + self.level_embed[level].to(f.dtype))[None].expand(batch, -1, -1))
+        return torch.cat(out, dim=1)

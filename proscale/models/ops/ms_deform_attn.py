@@ -1,0 +1,160 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+
+This is the one deformable-attention op of the project: every encoder (M2F, PRO-SCALE, Lite-M2F)
+uses :class:`MSDeformAttn`. The sampling kernel is chosen by ``impl``; ``"grid_sample"`` is the
+reference (per-level ``F.grid_sample``), kept for tests and as the baseline for benchmarks.
+
+Shapes (B batch, Q queries, S = sum_l H_l*W_l value tokens, M heads, D = C/M head dim,
+L levels, P points per level and head):
+
+- ``value``: (B, S, M, D), levels concatenated in ``spatial_shapes`` order
+- ``spatial_shapes``: L pairs of Python ints (H_l, W_l) -- ints, so no host sync is ever needed
+- ``sampling_locations``: (B, Q, M, L, P, 2), (x, y) normalized to [0, 1] (pixel centres at (i+0.5)/W)
+- ``attention_weights``: (B, Q, M, L, P), already normalized over L*P
+- returns (B, Q, M*D)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SpatialShapes = Sequence[tuple[int, int]]
+
+
+def ms_deform_attn_grid_sample(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Reference implementation: bilinear ``grid_sample`` per level (zero padding, align_corners=False)."""
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    value_per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        # (B, H*W, M, D) -> (B*M, D, H, W)
+        level_value = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
+        # (B, Q, M, P, 2) -> (B*M, Q, P, 2)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*M, D, Q, P)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Q)
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous()
+
+
+_IMPLS: dict[str, Callable[..., Tensor]] = {"grid_sample": ms_deform_attn_grid_sample}
+_DEFAULT_IMPL = "grid_sample"
+
+
+def register_impl(name: str, fn: Callable[..., Tensor]) -> None:
+    _IMPLS[name] = fn
+
+
+def set_default_impl(name: str) -> None:
+    """Select the kernel used by every :class:`MSDeformAttn` whose ``impl`` is None."""
+    global _DEFAULT_IMPL
+    if name not in _IMPLS:
+        raise ValueError(f"unknown deformable-attention impl {name!r}; valid choices: {sorted(_IMPLS)}")
+    _DEFAULT_IMPL = name
+
+
+def get_default_impl() -> str:
+    return _DEFAULT_IMPL
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    impl: str | None = None,
+) -> Tensor:
+    """Dispatch to the selected kernel; see the module docstring for shapes."""
+    name = impl or _DEFAULT_IMPL
+    if name not in _IMPLS:
+        raise ValueError(f"unknown deformable-attention impl {name!r}; valid choices: {sorted(_IMPLS)}")
+    return _IMPLS[name](value, spatial_shapes, sampling_locations, attention_weights)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module with Deformable-DETR's initialisation.
+
+    Args:
+        d_model: channels C of queries and values.
+        n_levels: number of feature levels L the queries may sample from.
+        n_heads: attention heads M (C must be divisible by M).
+        n_points: sampling points P per head and level.
+        impl: kernel name (None = the process-wide default, see :func:`set_default_impl`).
+    """
+
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str | None = None
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if not 1 <= n_levels:
+            raise ValueError(f"n_levels must be >= 1, got {n_levels}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.impl = impl
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        ring = torch.stack([thetas.cos(), thetas.sin()], -1)
+        ring = ring / ring.abs().max(-1, keepdim=True)[0]
+        ring = ring.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        ring = ring * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(ring.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value_input: Tensor,
+        spatial_shapes: SpatialShapes,
+        value_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (B, Q, C), positional embedding already added.
+            reference_points: (B, Q, L, 2) normalized (x, y) in [0, 1].
+            value_input: (B, S, C) with S = sum of H_l*W_l over ``spatial_shapes``.
+            spatial_shapes: L (H_l, W_l) Python-int pairs; L must equal ``n_levels``.
+            value_padding_mask: optional (B, S) bool, True = padded token (zeroed).
+        Returns:
+            (B, Q, C)
+        """
+        batch, queries, _ = query.shape
+        if len(spatial_shapes) != self.n_levels:
+            raise ValueError(f"MSDeformAttn built for {self.n_levels} levels got {len(spatial_shapes)} shapes")
+        value = self.value_proj(value_input)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(batch, value.shape[1], self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        # offsets are in pixels of each level: divide by (W_l, H_l)
+        normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])  # (L, 2)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)
+        return self.output_proj(out)
