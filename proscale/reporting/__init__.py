@@ -1,0 +1,1 @@
+"""Turning finished runs into tables and plots (ablation tables, PQ-vs-GFLOPs)."""
