@@ -1,0 +1,309 @@
+"""COCO-format panoptic dataset: images + RGB-encoded panoptic PNGs + a JSON with ``segments_info``.
+
+The same reader serves COCO panoptic, the ADE20K and Cityscapes panoptic conversions and the generated
+synthetic dataset. Handling follows the original Mask2Former:
+
+- training targets: one binary mask + contiguous class per non-crowd segment (crowd segments are not
+  targets; their pixels, like void pixels with id 0, belong to no target mask);
+- evaluation ground truth at the original size: the id map (0 = void), the segments (crowd kept with
+  ``iscrowd=1`` so PQ can exclude them) and a semantic map where every segment (crowd included, as in
+  Mask2Former's semantic conversion) paints its class and void is ``ignore_label``.
+
+Problems in the data are either fatal with a ``ValueError`` naming the file (missing/corrupt image or PNG,
+size mismatch, unknown category id, duplicate segment ids) or handled, counted and logged once in
+``self.issues`` (segments with zero area, JSON segments absent from the PNG, PNG ids absent from the JSON,
+images without annotations): handled cases become void, never a wrong label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from proscale.data.categories import builtin_meta, meta_from_categories
+from proscale.data.common import check_size, make_item, require_paths
+from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, lsj_recipe
+from proscale.data.image_io import read_panoptic_png, read_rgb_image
+from proscale.data.issues import IssueLog
+from proscale.data.transforms import Sample
+from proscale.structures import DatasetMeta
+
+
+def load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path}: annotation JSON file is missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot parse annotation JSON: {error}") from error
+
+
+def image_path_same_name(image_dir: Path, image: dict, annotation: dict | None) -> Path:
+    """COCO / synthetic / ADE20K: the image file is ``image_dir / images[i]["file_name"]``."""
+    return image_dir / image["file_name"]
+
+
+def image_path_cityscapes(image_dir: Path, image: dict, annotation: dict | None) -> Path:
+    """Cityscapes: ``leftImg8bit/<split>/<city>/<image id>_leftImg8bit.png`` (city = id up to the first '_')."""
+    image_id = str(image["id"])
+    return image_dir / image_id.split("_")[0] / f"{image_id}_leftImg8bit.png"
+
+
+IMAGE_PATH_RULES: dict[str, Callable[[Path, dict, dict | None], Path]] = {
+    "file_name": image_path_same_name,
+    "cityscapes": image_path_cityscapes,
+}
+
+
+class CocoPanopticDataset(Dataset):
+    """One split of a COCO-format panoptic dataset.
+
+    Args:
+        image_dir: folder of the images.
+        panoptic_dir: folder of the panoptic PNGs (``annotations[i]["file_name"]``).
+        panoptic_json: the panoptic JSON (``images``, ``annotations`` with ``segments_info``, ``categories``).
+        meta: class metadata; ``None`` reads it from the JSON's ``categories``.
+        transform: callable on :class:`~proscale.data.transforms.Sample` (map ``"panoptic"``).
+        with_gt: add the evaluation ground truth (``item["gt"]``) at the original size.
+        image_path_rule: ``"file_name"`` (default) or ``"cityscapes"``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        panoptic_dir: str | Path,
+        panoptic_json: str | Path,
+        meta: DatasetMeta | None = None,
+        transform: Callable[[Sample], Sample] | None = None,
+        with_gt: bool = False,
+        image_path_rule: str = "file_name",
+    ) -> None:
+        self.image_dir, self.panoptic_dir, self.json_path = Path(image_dir), Path(panoptic_dir), Path(panoptic_json)
+        if image_path_rule not in IMAGE_PATH_RULES:
+            raise ValueError(f"unknown image_path_rule {image_path_rule!r}; valid choices: {sorted(IMAGE_PATH_RULES)}")
+        self.image_path = IMAGE_PATH_RULES[image_path_rule]
+        self.transform, self.with_gt = transform, with_gt
+        self.issues = IssueLog(str(self.json_path))
+        data = load_json(self.json_path)
+        self.meta = meta if meta is not None else meta_from_categories(data.get("categories", []), str(self.json_path))
+        self._category_to_contiguous = {cid: i for i, cid in enumerate(self.meta.category_ids)}
+        self.records = self._build_records(data)
+
+    def _build_records(self, data: dict) -> list[dict[str, Any]]:
+        if "images" not in data or "annotations" not in data:
+            raise ValueError(f"{self.json_path}: a panoptic JSON needs 'images' and 'annotations' lists")
+        annotations = {ann["image_id"]: ann for ann in data["annotations"]}
+        records = []
+        for index, image in enumerate(data["images"]):
+            annotation = annotations.get(image["id"])
+            image_path = self.image_path(self.image_dir, image, annotation)
+            if annotation is None:
+                self.issues.report("image without annotation entry (all void)", str(image_path))
+                segments = []
+            else:
+                segments = self._check_segments(annotation, image_path)
+                if not segments:
+                    self.issues.report("image with no segments (all void)", str(image_path))
+            records.append(
+                {
+                    "image_id": image["id"] if isinstance(image["id"], int) else index,
+                    "image_path": image_path,
+                    "panoptic_path": self.panoptic_dir / annotation["file_name"] if annotation else None,
+                    "size": (image["height"], image["width"]) if "height" in image and "width" in image else None,
+                    "segments": segments,
+                }
+            )
+        return records
+
+    def _check_segments(self, annotation: dict, image_path: Path) -> list[dict[str, int]]:
+        """JSON segments -> [{id, category (contiguous), iscrowd}], raising on unknown categories."""
+        segments, seen = [], set()
+        for seg in annotation.get("segments_info", []):
+            seg_id, category_id = int(seg["id"]), int(seg["category_id"])
+            if category_id not in self._category_to_contiguous:
+                raise ValueError(
+                    f"{self.json_path}: image {image_path.name}: segment {seg_id} has unknown category id "
+                    f"{category_id}; known ids: {self.meta.category_ids}"
+                )
+            if seg_id == 0 or seg_id in seen:
+                raise ValueError(
+                    f"{self.json_path}: image {image_path.name}: segment id {seg_id} is "
+                    + ("0 (reserved for void)" if seg_id == 0 else "used twice")
+                )
+            seen.add(seg_id)
+            if "area" in seg and int(seg["area"]) == 0:
+                self.issues.report("zero-area segment dropped", f"{image_path.name} segment {seg_id}")
+                continue
+            segments.append(
+                {
+                    "id": seg_id,
+                    "category": self._category_to_contiguous[category_id],
+                    "iscrowd": int(seg.get("iscrowd", 0)),
+                }
+            )
+        return segments
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
+        """Image (H, W, 3) uint8, id map (H, W) int64 with unknown ids set to 0, and the segments in the PNG."""
+        record = self.records[index]
+        image = read_rgb_image(record["image_path"])
+        size = image.shape[:2]
+        if record["size"] is not None:
+            check_size(record["image_path"], size, record["size"], f"the size in {self.json_path.name}")
+        if record["panoptic_path"] is None:
+            return image, np.zeros(size, dtype=np.int64), []
+        ids = read_panoptic_png(record["panoptic_path"])
+        check_size(record["panoptic_path"], ids.shape, size, f"its image {record['image_path'].name}")
+        present = set(np.unique(ids).tolist()) - {0}
+        segments = []
+        for seg in record["segments"]:
+            if seg["id"] in present:
+                segments.append(seg)
+            else:
+                self.issues.report(
+                    "JSON segment absent from the PNG dropped", f"{record['panoptic_path']} id {seg['id']}"
+                )
+        unknown = present - {seg["id"] for seg in record["segments"]}
+        if unknown:
+            self.issues.report(
+                "PNG segment ids without a JSON entry set to void", f"{record['panoptic_path']} ids {sorted(unknown)}"
+            )
+            ids = np.where(np.isin(ids, list(unknown)), 0, ids)
+        return image, ids, segments
+
+    def ground_truth(self, ids: np.ndarray, segments: list[dict[str, int]]) -> dict[str, Any]:
+        """Evaluation ground truth at the original size (see :mod:`proscale.structures`)."""
+        sem_seg = np.full(ids.shape, self.meta.ignore_label, dtype=np.int64)
+        out_segments = []
+        for seg in segments:
+            mask = ids == seg["id"]
+            sem_seg[mask] = seg["category"]
+            out_segments.append({**seg, "area": int(mask.sum())})
+        return {"panoptic": torch.from_numpy(ids), "segments": out_segments, "sem_seg": torch.from_numpy(sem_seg)}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image, ids, segments = self.load_raw(index)
+        gt = self.ground_truth(ids, segments) if self.with_gt else None
+        sample = Sample(image=image, maps={"panoptic": ids}, fills={"panoptic": 0})
+        if self.transform is not None:
+            sample = self.transform(sample)
+        labels, masks = [], []
+        for seg in segments:
+            if seg["iscrowd"]:
+                continue
+            mask = sample.maps["panoptic"] == seg["id"]
+            if mask.any():  # a segment cropped away is no target
+                labels.append(seg["category"])
+                masks.append(mask)
+        return make_item(
+            sample,
+            labels,
+            masks,
+            image_id=record["image_id"],
+            file_name=record["image_path"].name,
+            orig_size=image.shape[:2],
+            gt=gt,
+        )
+
+
+COCO_PANOPTIC_LAYOUT = """\
+<root>/                               e.g. data/coco
+  train2017/  val2017/                images (*.jpg) named in the JSON
+  panoptic_train2017/  panoptic_val2017/   panoptic PNGs (ids = R + 256 G + 256^2 B)
+  annotations/
+    panoptic_train2017.json  panoptic_val2017.json   (images, annotations[segments_info], categories)
+    instances_train2017.json instances_val2017.json  (optional, for instance AP against the official file)"""
+
+
+class PanopticDataModule(SegmentationDataModule):
+    """COCO-format panoptic data; subclasses (or the arguments) choose the folder names.
+
+    Args:
+        image_dir / panoptic_dir / panoptic_json / instance_json: path templates under ``root``, with
+            ``{split}`` replaced by the split name.
+        meta: a :class:`DatasetMeta`, a built-in name (``coco_panoptic``, ``ade20k``, ``cityscapes``) or
+            ``"json"`` (read the train split's ``categories``).
+        image_path_rule: ``"file_name"`` or ``"cityscapes"``.
+        **kwargs: :class:`SegmentationDataModule` arguments.
+    """
+
+    name = "COCO-format panoptic"
+    layout = COCO_PANOPTIC_LAYOUT
+
+    def __init__(
+        self,
+        root: str | Path,
+        meta: DatasetMeta | str = "json",
+        image_dir: str = "{split}",
+        panoptic_dir: str = "panoptic_{split}",
+        panoptic_json: str = "annotations/panoptic_{split}.json",
+        instance_json: str | None = "annotations/instances_{split}.json",
+        image_path_rule: str = "file_name",
+        **kwargs: Any,
+    ) -> None:
+        self.templates = {"image_dir": image_dir, "panoptic_dir": panoptic_dir, "panoptic_json": panoptic_json}
+        self.instance_json_template = instance_json
+        self.image_path_rule = image_path_rule
+        root = Path(root)
+        if isinstance(meta, str):
+            if meta == "json":
+                train_split = kwargs.get("train_split", "train")
+                json_path = root / panoptic_json.format(split=train_split)
+                require_paths({"panoptic JSON (for the categories)": json_path}, self.name, self.layout)
+                meta = meta_from_categories(load_json(json_path).get("categories", []), str(json_path))
+            else:
+                meta = builtin_meta(meta)
+        super().__init__(root=root, meta=meta, **kwargs)
+
+    def split_paths(self, split: str) -> dict[str, Path]:
+        return {what: self.root / template.format(split=split) for what, template in self.templates.items()}
+
+    def gt_files(self, split: str = "val") -> dict[str, Path]:
+        files = super().gt_files(split)
+        if self.instance_json_template:
+            instance_json = self.root / self.instance_json_template.format(split=self.splits.get(split, split))
+            if instance_json.is_file():
+                files["instance_json"] = instance_json
+        return files
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        paths = self.split_paths(split)
+        return CocoPanopticDataset(
+            paths["image_dir"],
+            paths["panoptic_dir"],
+            paths["panoptic_json"],
+            meta=self.meta,
+            transform=self.train_transform if train else self.test_transform,
+            with_gt=not train,
+            image_path_rule=self.image_path_rule,
+        )
+
+
+class CocoPanopticDataModule(PanopticDataModule):
+    """COCO panoptic 2017 (133 classes) in its standard layout (see ``COCO_PANOPTIC_LAYOUT``)."""
+
+    name = "COCO panoptic"
+
+    def default_train_transforms(self) -> list:
+        return lsj_recipe()
+
+    def default_test_transforms(self) -> list:
+        return coco_test_recipe()
+
+    def __init__(
+        self, root: str | Path = "data/coco", meta: DatasetMeta | str = "coco_panoptic", **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("train_split", "train2017")
+        kwargs.setdefault("val_split", "val2017")
+        super().__init__(root=root, meta=meta, **kwargs)

@@ -1,0 +1,178 @@
+"""The LightningDataModule shared by every dataset family (selected in Hydra by ``data=<family>``).
+
+A family subclass only says where its files are (``split_paths``), how to read a split
+(``build_dataset``) and what its folder tree looks like (``layout``, quoted in the error when files are
+missing). Everything else is common:
+
+- ``.meta`` (:class:`~proscale.structures.DatasetMeta`) exists right after construction, before any file
+  is read, so the model can be built with ``meta.num_classes``;
+- ``batch_size`` is per process (per GPU): the global batch is ``batch_size * world_size``;
+- train batches are shuffled; under DDP Lightning inserts its ``DistributedSampler``. Validation/test
+  loaders under DDP use Lightning's ``UnrepeatedDistributedSampler`` (each image on exactly one rank; no
+  padding duplicates that would count an image twice in PQ/AP/mIoU), so ranks may see one batch more or
+  less -- evaluators must gather at epoch end, not per step;
+- ``collate_batch`` builds the batch dict of :mod:`proscale.structures`; val/test batches carry ``gt``;
+- ``gt_files(split)`` names the official annotation files of a split for offline scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from proscale.data.collate import collate_batch
+from proscale.data.common import require_paths
+from proscale.data.transforms import (
+    Compose,
+    FixedSizeCrop,
+    RandomCrop,
+    RandomFlip,
+    ResizeScale,
+    ResizeShortestEdge,
+    scale_list,
+)
+from proscale.structures import DatasetMeta
+
+
+def lsj_recipe(size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0) -> list:
+    """COCO large-scale jitter: flip, scale 0.1-2.0 of ``size``, crop/pad to ``size``."""
+    return [RandomFlip(), ResizeScale(min_scale, max_scale, size), FixedSizeCrop(size)]
+
+
+def coco_test_recipe(short_edge: int = 800, max_size: int = 1333) -> list:
+    return [ResizeShortestEdge(short_edge, max_size)]
+
+
+def crop_recipe(base: int, crop_size: int | tuple[int, int], max_size: int) -> list:
+    """ADE20K / Cityscapes: short side from 0.5..2.0 x ``base``, random crop, flip."""
+    return [ResizeShortestEdge(scale_list(base), max_size), RandomCrop(crop_size), RandomFlip()]
+
+
+class SegmentationDataModule(LightningDataModule):
+    """Common datamodule; subclasses implement ``split_paths`` and ``build_dataset``.
+
+    Args:
+        root: dataset folder.
+        meta: class metadata.
+        batch_size: images per process and training step.
+        eval_batch_size: images per process at validation/test (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        train_transforms / test_transforms: lists of transforms (Hydra-instantiated), see
+            :mod:`proscale.data.transforms`; ``None`` = the family's paper recipe
+            (``default_train_transforms`` / ``default_test_transforms``), ``[]`` = none.
+        train_split / val_split / test_split: split names (``test_split=None`` tests on ``val_split``).
+    """
+
+    name = "dataset"
+    layout = ""
+    eval_tasks: tuple[str, ...] = ("panoptic", "instance", "semantic")
+
+    def __init__(
+        self,
+        root: str | Path,
+        meta: DatasetMeta,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_transforms: Sequence | None = None,
+        test_transforms: Sequence | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"{self.name}: batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"{self.name}: num_workers must be >= 0, got {num_workers}")
+        self.root = Path(root)
+        self.meta = meta
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_transform = Compose(
+            self.default_train_transforms() if train_transforms is None else train_transforms
+        )
+        self.test_transform = Compose(self.default_test_transforms() if test_transforms is None else test_transforms)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
+        self.pin_memory, self.drop_last = pin_memory, drop_last
+        self.datasets: dict[str, Dataset] = {}
+
+    # ----------------------------------------------------------------------------- family interface
+    def split_paths(self, split: str) -> dict[str, Path]:
+        """Files/folders a split needs, ``{what: path}``."""
+        raise NotImplementedError
+
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        """The dataset of ``split``; ``train`` selects the training transforms (else test + ``gt``)."""
+        raise NotImplementedError
+
+    def default_train_transforms(self) -> list:
+        return []
+
+    def default_test_transforms(self) -> list:
+        return []
+
+    def gt_files(self, split: str = "val") -> dict[str, Path]:
+        """Official ground-truth files of a split (for offline evaluators); default: ``split_paths``."""
+        return self.split_paths(self.splits.get(split, split))
+
+    # ---------------------------------------------------------------------------------- lightning
+    def check_layout(self, split: str) -> None:
+        require_paths(self.split_paths(split), f"{self.name} ({split!r} split)", self.layout)
+
+    def _dataset(self, stage: str) -> Dataset:
+        """The dataset of ``stage`` ("train" / "val" / "test"), built once; test reuses val when they coincide."""
+        if stage not in self.datasets:
+            split = self.splits[stage]
+            if stage == "test" and split == self.splits["val"] and "val" in self.datasets:
+                self.datasets[stage] = self.datasets["val"]
+            else:
+                self.check_layout(split)
+                self.datasets[stage] = self.build_dataset(split, train=stage == "train")
+        return self.datasets[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for name in stages.get(stage or "", ("train", "val", "test")):
+            self._dataset(name)
+
+    def _loader(self, stage: str) -> DataLoader:
+        dataset = self._dataset(stage)
+        train = stage == "train"
+        sampler = None
+        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and train,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, classes={self.meta.num_classes}, splits={self.splits})"
