@@ -33,8 +33,10 @@ class PositionEmbeddingSine(nn.Module):
         eps = 1e-6
         y = torch.arange(1, height + 1, dtype=torch.float32, device=device)
         x = torch.arange(1, width + 1, dtype=torch.float32, device=device)
-        y = (y - 0.5) / (height + eps) * self.scale
-        x = (x - 0.5) / (width + eps) * self.scale
+        # Mask2Former's normalisation: cumulative index / (last index + eps) * scale (no half-pixel offset,
+        # unlike Deformable DETR's variant); the HF parity test pins this.
+        y = y / (height + eps) * self.scale
+        x = x / (width + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x[:, None] / dim_t  # (W, F)

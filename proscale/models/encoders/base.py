@@ -71,7 +71,8 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
+        # in place: saves allocating (and page-faulting) one more (B, S, FFN) tensor per layer
+        self.activation = {"relu": nn.ReLU(inplace=True), "gelu": nn.GELU()}[activation]
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -101,19 +102,30 @@ class DeformableEncoderLayer(nn.Module):
         return torch.cat([out, tokens[:, num_queries:]], dim=1)
 
 
+_REFERENCE_POINTS_CACHE: dict[tuple, Tensor] = {}
+
+
 def reference_points_for(shapes: list[tuple[int, int]], batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Deformable-DETR encoder reference points: normalized pixel centres of every token, repeated for
     every level (valid ratios are 1: Mask2Former never masks padding in the pixel decoder).
 
-    Returns (B, S, L, 2) with (x, y) in (0, 1).
+    Returns (B, S, L, 2) with (x, y) in (0, 1): a broadcast view (no copy) of a per-shape cached (S, 2)
+    table, so callers must not write into it. The cache key includes inference mode because a tensor
+    made under ``torch.inference_mode`` must not be reused by autograd-recording code.
     """
-    points = []
-    for h, w in shapes:
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
-    ref = torch.cat(points, 0).to(dtype)  # (S, 2)
+    key = (tuple(shapes), str(device), dtype, torch.is_inference_mode_enabled())
+    ref = _REFERENCE_POINTS_CACHE.get(key)
+    if ref is None:
+        points = []
+        for h, w in shapes:
+            ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+            xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
+        ref = torch.cat(points, 0).to(dtype)  # (S, 2)
+        if len(_REFERENCE_POINTS_CACHE) >= 64:  # many input sizes (e.g. varying test images): start over
+            _REFERENCE_POINTS_CACHE.clear()
+        _REFERENCE_POINTS_CACHE[key] = ref
     return ref[None, :, None, :].expand(batch, -1, len(shapes), -1)
 
 
@@ -121,7 +133,9 @@ class SineLevelEmbedding(nn.Module):
     """Sine positional embedding + learned per-level embedding, flattened like the tokens.
 
     ``level_embed``: (L, C) parameter (Mask2Former's ``transformer.level_embed``).
-    forward(feats [(B, C, H_l, W_l)]) -> (B, S, C); the sine part is cached per shape.
+    forward(feats [(B, C, H_l, W_l)]) -> (B, S, C), a batch-broadcast view (stride 0 over B) of one
+    (S, C) table: the sine part of all levels is cached concatenated per shape, so a forward costs one
+    add of the level embeddings (which must stay in the autograd graph) and no per-batch copy.
     """
 
     def __init__(self, d_model: int = 256, num_levels: int = 3) -> None:
@@ -129,11 +143,39 @@ class SineLevelEmbedding(nn.Module):
         self.pos = PositionEmbeddingSine(d_model // 2)
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         nn.init.normal_(self.level_embed)
+        self._sine_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _sine_and_levels(self, shapes: tuple, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Cached (S, C) sine table of all levels and the (S,) level index of every token."""
+        key = (shapes, str(device), dtype, torch.is_inference_mode_enabled())
+        cached = self._sine_cache.get(key)
+        if cached is None:
+            sine = [self.pos.embedding(h, w, device, dtype).flatten(1).transpose(0, 1) for h, w in shapes]
+            levels = [
+                torch.full((h * w,), level, device=device, dtype=torch.long) for level, (h, w) in enumerate(shapes)
+            ]
+            cached = (torch.cat(sine, 0), torch.cat(levels, 0))
+            if len(self._sine_cache) >= 32:
+                self._sine_cache.clear()
+            self._sine_cache[key] = cached
+        return cached
 
     def forward(self, feats: list[Tensor]) -> Tensor:
-        out = []
-        for level, f in enumerate(feats):
-            batch, _, h, w = f.shape
-            sine = self.pos.embedding(h, w, f.device, f.dtype).flatten(1).transpose(0, 1)  # (H*W, C)
-            out.append((sine + self.level_embed[level].to(f.dtype))[None].expand(batch, -1, -1))
-        return torch.cat(out, dim=1)
+        shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feats)
+        sine, levels = self._sine_and_levels(shapes, feats[0].device, feats[0].dtype)
+        pos = sine + self.level_embed.to(sine.dtype)[levels]  # (S, C)
+        return pos[None].expand(feats[0].shape[0], -1, -1)
+
+
+def reset_deformable_encoder_parameters(encoder: nn.Module) -> None:
+    """Mask2Former's ``MSDeformAttnTransformerEncoderOnly`` init, shared by every deformable encoder:
+    xavier-uniform on every parameter with more than one dimension, then each :class:`MSDeformAttn`'s own
+    reset (zero offsets/weights with the ring bias), then a normal init of level embeddings."""
+    for param in encoder.parameters():
+        if param.dim() > 1:
+            nn.init.xavier_uniform_(param)
+    for module in encoder.modules():
+        if isinstance(module, MSDeformAttn):
+            module.reset_parameters()
+        if isinstance(module, SineLevelEmbedding):
+            nn.init.normal_(module.level_embed)

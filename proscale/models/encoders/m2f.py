@@ -11,6 +11,7 @@ from proscale.models.encoders.base import (
     SineLevelEmbedding,
     flatten_levels,
     reference_points_for,
+    reset_deformable_encoder_parameters,
     unflatten_levels,
 )
 
@@ -48,6 +49,11 @@ class M2FEncoder(MultiScaleEncoder):
             DeformableEncoderLayer(d_model, num_levels, n_heads, n_points, dim_feedforward, dropout)
             for _ in range(num_layers)
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Mask2Former's init: xavier-uniform on every matrix, then the deformable-attention reset."""
+        reset_deformable_encoder_parameters(self)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         if len(feats) != self.num_levels:

@@ -1,0 +1,163 @@
+"""Reading and writing checkpoint files, and loading a state dict into a model with a key report.
+
+Formats read by :func:`read_state_dict`:
+- ``.pkl``: detectron2 / Mask2Former model-zoo pickles, a dict of numpy arrays under ``"model"``;
+- ``.pth`` / ``.pt`` / ``.ckpt``: ``torch.save`` files; a Lightning checkpoint's ``"state_dict"`` or a
+  ``"model"`` entry is unwrapped;
+- ``.safetensors``.
+Every failure raises ``ValueError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pkl":
+            with path.open("rb") as f:
+                raw = pickle.load(f, encoding="latin1")
+        elif suffix in TORCH_SUFFIXES:
+            raw = _torch_load(path)
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raise ValueError(f"unknown checkpoint format {suffix!r} (use .pkl, .pth, .pt, .ckpt or .safetensors)")
+    except ValueError as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # corrupt / truncated files raise many different types
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    return _as_tensor_dict(_unwrap(raw, path), path)
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints also pickle hyper-parameters (e.g. OmegaConf objects): the user chose the file
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unwrap(raw: object, path: Path) -> Mapping:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(raw).__name__}, not a dict of tensors")
+    for key in ("state_dict", "model"):
+        inner = raw.get(key)
+        if isinstance(inner, Mapping):
+            return inner
+    return raw
+
+
+def _as_tensor_dict(raw: Mapping, path: Path) -> dict[str, Tensor]:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, Tensor):
+            out[str(key)] = value
+        elif isinstance(value, np.ndarray):
+            out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
+        else:
+            raise ValueError(f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not an array")
+    if not out:
+        raise ValueError(f"checkpoint {path} contains no tensors")
+    return out
+
+
+def write_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write ``state`` as ``.safetensors`` or (any other suffix) ``torch.save``, atomically:
+    the file appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def strip_common_prefix(state: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Tensor]:
+    """Remove each prefix in turn when *every* key carries it (e.g. ``module.`` from DDP)."""
+    state = dict(state)
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+IGNORED_SUFFIXES = ("num_batches_tracked",)  # BatchNorm's step counter: absent from FrozenBN checkpoints
+
+
+@dataclass
+class LoadReport:
+    """Keys of a load: ``missing`` (model has, checkpoint lacks), ``unused`` (checkpoint has, model lacks),
+    ``mismatched`` (name, checkpoint shape, model shape)."""
+
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unused or self.mismatched)
+
+    def __str__(self) -> str:
+        def show(items: list) -> str:
+            return f"{items[:30]}{f' ... ({len(items)} in all)' if len(items) > 30 else ''}"
+
+        return f"missing keys: {show(self.missing)}; unused keys: {show(self.unused)}; shape mismatches: " + show(
+            self.mismatched
+        )
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor], allow_partial: bool = False) -> LoadReport:
+    """Copy ``state`` into ``model`` and report missing / unused / mis-shaped keys.
+
+    Raises ValueError listing them unless ``allow_partial``; then every fitting key is loaded and the
+    report returned. BatchNorm ``num_batches_tracked`` counters are never reported.
+    """
+    target = model.state_dict()
+    report = LoadReport()
+    report.missing = [k for k in target if k not in state and not k.endswith(IGNORED_SUFFIXES)]
+    report.unused = [k for k in state if k not in target and not k.endswith(IGNORED_SUFFIXES)]
+    fitting = {}
+    for key, value in state.items():
+        if key in target:
+            if tuple(value.shape) == tuple(target[key].shape):
+                fitting[key] = value
+            else:
+                report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+    if not report.ok and not allow_partial:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: {report}")
+    model.load_state_dict(fitting, strict=False)
+    return report
+
+
+__all__ = ["LoadReport", "load_into", "read_state_dict", "strip_common_prefix", "write_state_dict"]
