@@ -165,28 +165,6 @@ def deformable_attention_as_grid_sample(module: nn.Module) -> Iterator[None]:
             attention.impl = impl
 
 
-@contextlib.contextmanager
-def _autocast_queries_accept_meta() -> Iterator[None]:
-    """Let ``torch.is_autocast_enabled("meta")`` answer False instead of raising.
-
-    Modules that run their own precision policy (e.g. the pixel decoder keeps fp32 under autocast) ask
-    ``torch.is_autocast_enabled(x.device.type)``, which raises for the meta device; autocast is never on for
-    meta tensors, so False is the true answer. Patched only while a meta count runs.
-    """
-    original = torch.is_autocast_enabled
-
-    def is_autocast_enabled(*args: Any, **kwargs: Any) -> bool:
-        if args and args[0] == "meta":
-            return False
-        return original(*args, **kwargs)
-
-    torch.is_autocast_enabled = is_autocast_enabled
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled = original
-
-
 def count_call_flops(
     module: nn.Module,
     args: tuple = (),
@@ -229,7 +207,6 @@ def count_call_flops(
                 state = {} if _is_on_meta(module) else _meta_state(module)
                 with (
                     torch.nn.utils.stateless._reparametrize_module(module, state),
-                    _autocast_queries_accept_meta(),
                     counter,
                 ):
                     output = run(*_to_meta(args), **_to_meta(kwargs))

@@ -102,7 +102,8 @@ class PixelDecoder(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> PixelDecoderOutput:
         device_type = features["res5"].device.type
-        if torch.is_autocast_enabled(device_type):
+        # meta tensors (compute analysis) never run under autocast, and torch raises when asked about them
+        if device_type != "meta" and torch.is_autocast_enabled(device_type):
             # the original runs the whole pixel decoder in fp32 (deformable sampling is not half-safe)
             with torch.autocast(device_type=device_type, enabled=False):
                 return self._forward({k: v.float() for k, v in features.items()})
