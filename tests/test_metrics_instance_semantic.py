@@ -191,3 +191,21 @@ def test_repeated_image_ids_are_scored_once():
     once.update([p for p, _ in pairs], [t for _, t in pairs], image_ids=[7, 8, 9])
     padded.update([p for p, _ in pairs] + [pairs[0][0]], [t for _, t in pairs] + [pairs[0][1]], image_ids=[7, 8, 9, 7])
     assert repr(padded.compute()) == repr(once.compute())  # repr: NaN-safe exact comparison
+
+
+def test_instance_format_ground_truth_with_overlapping_masks():
+    """COCO-instance GT (gt["instances"], overlapping masks, a crowd) scores like the panoptic path."""
+    meta = DatasetMeta(["a", "b"], [1, 2], [True, True])
+    masks = torch.zeros(3, 32, 40, dtype=torch.bool)
+    masks[0, 2:20, 2:20] = True
+    masks[1, 10:30, 10:30] = True  # overlaps mask 0
+    masks[2, 0:5, 30:40] = True  # crowd: ignored, matched predictions on it are not false positives
+    gt = {"instances": {"masks": masks, "labels": torch.tensor([0, 1, 1]), "iscrowd": torch.tensor([0, 0, 1])}}
+    pred = {"instances": {"masks": masks[:2], "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}}
+    evaluator = InstanceAPEvaluator(meta)
+    evaluator.update([pred], [gt])
+    assert evaluator.compute()["AP"] == pytest.approx(100.0, abs=1e-6)
+    wrong = {"instances": {"masks": masks[:2], "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 0])}}
+    evaluator = InstanceAPEvaluator(meta)
+    evaluator.update([wrong], [gt])
+    assert evaluator.compute()["AP"] == pytest.approx(0.0, abs=1e-6)

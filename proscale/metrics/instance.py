@@ -7,8 +7,8 @@ Usage::
     metrics = evaluator.compute()        # {"AP", "AP50", "AP75", "APs", "APm", "APl"} on the 0-100 scale
     evaluator.per_class                  # [{"category_id", "name", "AP"}]
 
-Ground truth per image: the *thing* segments of the panoptic GT (``gt["panoptic"] == id``) with their
-``iscrowd`` flag, area = pixel count, category = the dataset id of ``meta``. Predictions of stuff classes are
+Ground truth per image: the *thing* segments of the panoptic GT (``gt["panoptic"] == id``), or for instance
+datasets the (possibly overlapping) masks of ``gt["instances"]``, with their ``iscrowd`` flag, area = pixel count, category = the dataset id of ``meta``. Predictions of stuff classes are
 dropped (COCO instance evaluation has thing categories only). Masks are RLE-encoded at ``update`` time so that
 only compact strings are kept.
 
@@ -39,26 +39,53 @@ def _rank_and_world(group: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
-def gt_instances(gt: dict, meta: DatasetMeta, image_id: int) -> list[dict]:
-    """COCO GT annotations (RLE) for the thing segments of one panoptic GT dict."""
+def gt_image_size(gt: dict) -> tuple[int, int]:
+    """(h0, w0) of a GT dict: from the panoptic map, or from the instance masks of instance-only datasets."""
+    if "panoptic" in gt:
+        h, w = gt["panoptic"].shape[-2:]
+    elif "instances" in gt:
+        h, w = gt["instances"]["masks"].shape[-2:]
+    else:
+        raise ValueError(f"ground truth has neither 'panoptic' nor 'instances' (keys: {sorted(gt)})")
+    return int(h), int(w)
+
+
+def _thing_masks(gt: dict, meta: DatasetMeta) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(N, h0, w0) bool masks, contiguous labels and iscrowd flags of the GT's thing instances.
+
+    Instance datasets (COCO instance) give overlapping masks in ``gt["instances"]``; panoptic datasets give the
+    thing segments of the id map.
+    """
+    if "instances" in gt:
+        inst = gt["instances"]
+        labels = [int(c) for c in inst["labels"].tolist()]
+        crowd = [int(c) for c in inst.get("iscrowd", torch.zeros(len(labels))).tolist()]
+        keep = [k for k, c in enumerate(labels) if meta.isthing[c]]
+        return inst["masks"][keep].bool(), [labels[k] for k in keep], [crowd[k] for k in keep]
     things = [s for s in gt["segments"] if meta.isthing[int(s["category"])]]
-    if not things:
-        return []
     pan = gt["panoptic"]
-    ids = torch.tensor([int(s["id"]) for s in things], device=pan.device)
+    ids = torch.tensor([int(s["id"]) for s in things], device=pan.device, dtype=pan.dtype)
     masks = pan[None] == ids[:, None, None]
+    return masks, [int(s["category"]) for s in things], [int(s.get("iscrowd", 0)) for s in things]
+
+
+def gt_instances(gt: dict, meta: DatasetMeta, image_id: int) -> list[dict]:
+    """COCO GT annotations (RLE) for the thing instances of one GT dict (panoptic or instance format)."""
+    masks, labels, crowd = _thing_masks(gt, meta)
+    if not labels:
+        return []
     areas = masks.flatten(1).sum(1).tolist()
     anns = []
-    for seg, rle, area in zip(things, encode_masks(masks), areas):
+    for label, iscrowd, rle, area in zip(labels, crowd, encode_masks(masks), areas):
         if area == 0:  # listed but absent from the map: no pixels to score against
             continue
         anns.append(
             {
                 "image_id": image_id,
-                "category_id": meta.category_ids[int(seg["category"])],
+                "category_id": meta.category_ids[label],
                 "segmentation": rle,
                 "area": float(area),
-                "iscrowd": int(seg.get("iscrowd", 0)),
+                "iscrowd": iscrowd,
             }
         )
     return anns
@@ -124,8 +151,8 @@ class InstanceAPEvaluator(Metric):
                 raise ValueError(f"prediction has no 'instances' (keys: {sorted(pred)})")
             image_id = int(image_ids[i]) if image_ids is not None else self._seen * world + rank
             self._seen += 1
-            h, w = gt["panoptic"].shape[-2:]
-            image = {"id": image_id, "height": int(h), "width": int(w)}
+            h, w = gt_image_size(gt)
+            image = {"id": image_id, "height": h, "width": w}
             anns = gt_instances(gt, self.meta, image_id)
             self._records.append((image, anns, instance_results(pred["instances"], self.meta, image_id)))
 
