@@ -65,6 +65,9 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) int64 segment ids, ``R + 256 G + 256^2 B``."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"an RGB-encoded panoptic map must be (H, W, 3), got shape {rgb.shape}")
     rgb = rgb.astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
@@ -73,7 +76,7 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """(H, W) integer segment ids -> (H, W, 3) uint8, inverse of :func:`rgb_to_id`."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError(f"segment ids must lie in [0, 256^3), got range [{ids.min()}, {ids.max()}]")
+        raise ValueError(f"segment ids must lie in [0, 2**24) to be RGB-encoded, got [{ids.min()}, {ids.max()}]")
     return np.stack([ids % 256, (ids // 256) % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
 
 

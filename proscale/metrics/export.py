@@ -27,26 +27,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from proscale.data.image_io import id_to_rgb, rgb_to_id
 from proscale.metrics.instance import instance_results
 from proscale.metrics.pq_stats import IdIndexer
 from proscale.structures import DatasetMeta
 
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """(H, W) integer ids in [0, 2**24) -> (H, W, 3) uint8 RGB."""
-    ids = np.asarray(id_map).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
-        raise ValueError(f"segment ids must lie in [0, 2**24) to be RGB-encoded, got [{ids.min()}, {ids.max()}]")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W) int64 ids."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"an RGB-encoded panoptic map must be (H, W, 3), got shape {rgb.shape}")
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+# the panoptic PNG encoding (ids = R + 256 G + 256^2 B) is the data package's; re-exported under COCO's names
+id2rgb, rgb2id = id_to_rgb, rgb_to_id
 
 
 def _atomic_write(path: Path, write: Any, mode: str) -> None:
