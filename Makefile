@@ -37,9 +37,13 @@ ablation: $(STAMP)
 	$(PY) scripts/train.py -m experiment=cpu_ablation $(ARGS)
 	$(PY) scripts/make_tables.py --latest
 
+## GFLOPs / params of every encoder x LPE x backbone + the paper's four numbers: CSV, markdown and PNG under
+## outputs/flops/ (`make flops-table ARGS="--speed --speed-size 512 704"` adds measured ms columns).
 flops-table: $(STAMP)
 	$(PY) scripts/flops.py --table $(ARGS)
 
+## Speed report (issue 6): op vs HF, pixel decoders, PRO-SCALE vs M2F, GEMM fraction, training step.
+## `make bench ARGS=--quick` (< 1 min idle); on a CPU shared with other jobs use ARGS="--threads 1 --clock cpu".
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --out benchmarks/RESULTS.md --json benchmarks/results.json $(ARGS)
 

@@ -15,7 +15,9 @@ def execute(name: str, env: dict[str, str], tmp_path: Path) -> nbformat.Notebook
     old = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         for key, value in old.items():
             if value is None:

@@ -1,0 +1,237 @@
+"""Callbacks and the checkpoint-IO plugin of the training framework.
+
+- :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file and renamed (never half-written).
+- :class:`ComputeStats`: parameters, encoder/total GFLOPs (:mod:`proscale.analysis.flops`) and measured ms/img,
+  computed once per run and logged as ``compute/*``.
+- :class:`EpochSeeding`: reseeds every random generator at each epoch start from ``(seed, epoch)`` so a run
+  resumed from an end-of-epoch checkpoint replays exactly what an uninterrupted run does.
+- :class:`WandbExtras`: W&B run summary (config, GFLOPs, params), validation overlays, per-class PQ table,
+  and the run id stored in checkpoints so a resumed training continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+from proscale.utils.io import atomic_torch_save
+from proscale.utils.logging_utils import get_logger
+from proscale.utils.visualize import panoptic_overlay
+
+log = get_logger(__name__)
+
+WANDB_RUN_ID_KEY = "wandb_run_id"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.<name>.tmp-<pid>`` in the same folder, fsync, then ``os.replace`` onto the target."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+def _time_forward(
+    pl_module: LightningModule, image_size: tuple[int, int], orig_size: tuple[int, int], runs: int
+) -> float:
+    """Median ms for one image through model + inference (eval mode, no grad) after one warm-up pass."""
+    device = pl_module.device
+    images = torch.randn(1, 3, *image_size, device=device)
+    was_training = pl_module.training
+    pl_module.eval()
+    timings = []
+    try:
+        with torch.no_grad():
+            for run in range(runs + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                outputs = pl_module.model(images)
+                pl_module.inference(outputs, [image_size], [orig_size])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if run > 0:  # the first pass pays for allocations and lazy initialisation
+                    timings.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        pl_module.train(was_training)
+    return statistics.median(timings)
+
+
+class ComputeStats(Callback):
+    """Params, encoder/total GFLOPs and ms/img of the run's model, measured once (at fit or test start).
+
+    Args:
+        image_size: padded network input (H, W) for GFLOPs and timing; ``None`` = the paper's COCO protocol.
+        orig_size: original image size the inference resizes to.
+        timing_runs: timed passes (median reported); 0 disables timing.
+
+    Results go to ``pl_module.compute_stats`` (``params``, ``encoder_gflops``, ``total_gflops``, ``ms_per_img``)
+    and to the loggers as ``compute/*`` at step 0.
+    """
+
+    def __init__(
+        self,
+        image_size: tuple[int, int] | None = (800, 1088),
+        orig_size: tuple[int, int] = (480, 640),
+        timing_runs: int = 5,
+    ) -> None:
+        self.image_size = tuple(image_size) if image_size is not None else None
+        self.orig_size = tuple(orig_size)
+        self.timing_runs = timing_runs
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._measure(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not pl_module.compute_stats:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stats: dict[str, float | None] = {"params": float(sum(p.numel() for p in pl_module.model.parameters()))}
+        try:
+            from proscale.analysis.flops import count_flops
+
+            flops = count_flops(pl_module.model, image_size=self.image_size, orig_size=self.orig_size)
+            stats["encoder_gflops"] = flops["encoder"]
+            stats["total_gflops"] = flops["total"]
+        except Exception as error:  # the run itself must not fail because of the analysis
+            log.warning(f"GFLOPs not counted: {type(error).__name__}: {error}")
+            stats["encoder_gflops"] = stats["total_gflops"] = None
+        stats["ms_per_img"] = None
+        if self.timing_runs > 0:
+            size = self.image_size or (800, 1088)
+            stats["ms_per_img"] = _time_forward(pl_module, size, self.orig_size, self.timing_runs)
+        pl_module.compute_stats = stats
+        numbers = {f"compute/{k}": v for k, v in stats.items() if v is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics(numbers, step=0)
+        log.info("compute: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU + CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochSeeding(Callback):
+    """Make every epoch's randomness a function of ``(seed, epoch)`` alone.
+
+    Data order (the sampler draws from torch's global generator when its epoch starts), augmentation and the
+    criterion's random points all depend on the global generators. Reseeding at each epoch start, and right
+    after a checkpoint is restored, gives a resumed run the state an uninterrupted run had at that epoch, so
+    their weights agree to float precision (exactly, on CPU with ``num_workers=0``).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def _epoch_seed(self, epoch: int) -> int:
+        return self.seed * 100_003 + epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        seed_all(self._epoch_seed(trainer.current_epoch))
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning builds the data iterator of the resumed epoch before on_train_epoch_start fires.
+        seed_all(self._epoch_seed(int(checkpoint.get("epoch", 0)) + 1))
+
+
+def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class WandbExtras(Callback):
+    """Everything W&B-specific beyond scalar metrics; a no-op when no ``WandbLogger`` is configured.
+
+    Args:
+        num_images: validation overlays logged per validation epoch.
+        summary: extra key/values for the run summary (e.g. the resolved config from the train task).
+    """
+
+    def __init__(self, num_images: int = 4, summary: dict[str, Any] | None = None) -> None:
+        self.num_images = num_images
+        self.summary = dict(summary or {})
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_summary(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_summary(trainer, pl_module)
+
+    def _write_summary(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        for logger in _wandb_loggers(trainer):
+            run = logger.experiment
+            for key, value in {**self.summary, **getattr(pl_module, "compute_stats", {})}.items():
+                if value is not None:
+                    run.summary[key] = value
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        loggers = _wandb_loggers(trainer)
+        if loggers and trainer.global_rank == 0:
+            checkpoint[WANDB_RUN_ID_KEY] = loggers[0].experiment.id
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loggers = _wandb_loggers(trainer)
+        if not loggers or trainer.global_rank != 0 or trainer.sanity_checking:
+            return
+        import wandb
+
+        meta = getattr(pl_module, "meta", None)
+        colors = meta.colors if meta is not None else None
+        images = [
+            wandb.Image(
+                panoptic_overlay(s["image"], s["segment_ids"], s["segments"], colors), caption=str(s["file_name"])
+            )
+            for s in pl_module.vis_samples[: self.num_images]
+        ]
+        payload: dict[str, Any] = {}
+        if images:
+            payload["val/predictions"] = images
+        table = self._per_class_table(pl_module, meta)
+        if table is not None:
+            payload["val/per_class_PQ"] = table
+        for logger in loggers:
+            if payload:
+                logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
+
+    @staticmethod
+    def _per_class_table(pl_module: LightningModule, meta: Any) -> Any:
+        """The panoptic evaluator's per-class rows (dicts) as a ``wandb.Table`` (None when there are none)."""
+        import wandb
+
+        details = pl_module.eval_details.get("val", {})
+        rows = details.get("panoptic/per_class") or next(
+            (v for k, v in details.items() if k.endswith("per_class") and v), None
+        )
+        if not rows or not isinstance(rows[0], dict):
+            return None
+        columns = list(rows[0])
+        return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+class FaultInjection(Callback):
+    """Test aid: the process kills itself with SIGKILL when training reaches ``kill_at_step`` (no clean-up, no
+    final writes), as a preempted or OOM-killed job would die. Used by the resume test."""
+
+    def __init__(self, kill_at_step: int) -> None:
+        self.kill_at_step = int(kill_at_step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.kill_at_step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,72 @@
+"""What a run is: its Hydra choices and model settings, as tags for W&B and ``results.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def hydra_runtime() -> dict[str, Any]:
+    """Hydra's runtime facts (choices, output dir, job num, sweep dir, mode); empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    info: dict[str, Any] = {
+        "choices": dict(hydra_cfg.runtime.choices),
+        "output_dir": hydra_cfg.runtime.output_dir,
+        "overrides": list(hydra_cfg.overrides.task),
+        "mode": str(hydra_cfg.mode),
+    }
+    if info["mode"].endswith("MULTIRUN"):
+        info["job"] = {"num": int(hydra_cfg.job.num), "sweep_dir": hydra_cfg.sweep.dir}
+    return info
+
+
+def _find_key(node: Any, key: str) -> Any:
+    """First value of ``key`` anywhere inside a nested config (depth first), else ``None``."""
+    if isinstance(node, DictConfig):
+        if key in node:
+            return node[key]
+        children = node.values()
+    elif isinstance(node, ListConfig):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_key(child, key)
+        if found is not None:
+            return found
+    return None
+
+
+def run_tags(cfg: DictConfig) -> dict[str, Any]:
+    """``{"encoder", "schedule", "backbone", "lpe", "seed"}`` of the run, from Hydra choices and the model config."""
+    choices = hydra_runtime().get("choices", {})
+    model = cfg.get("model") or OmegaConf.create({})
+    encoder_node = _find_key(model, "encoder")
+    encoder = choices.get("model/encoder")
+    if encoder is None and isinstance(encoder_node, DictConfig):
+        encoder = str(encoder_node.get("_target_", "?")).rsplit(".", 1)[-1]
+    backbone = choices.get("model/backbone")
+    if backbone is None:
+        backbone_node = _find_key(model, "backbone")
+        backbone = backbone_node.get("name", "?") if isinstance(backbone_node, DictConfig) else "?"
+    schedule = _find_key(encoder_node, "schedule") if encoder_node is not None else None
+    lpe = _find_key(model, "lpe")
+    return {
+        "encoder": str(encoder),
+        "schedule": "-".join(str(int(p)) for p in schedule) if schedule is not None else None,
+        "backbone": str(backbone),
+        "lpe": bool(lpe) if lpe is not None else False,
+        "seed": cfg.get("seed"),
+    }
+
+
+def wandb_tag_list(tags: dict[str, Any], extra: list[str] | None = None) -> list[str]:
+    out = [f"encoder:{tags['encoder']}", f"backbone:{tags['backbone']}", f"lpe:{'on' if tags['lpe'] else 'off'}"]
+    if tags.get("schedule"):
+        out.append(f"schedule:{tags['schedule']}")
+    return out + list(extra or [])

@@ -1,0 +1,189 @@
+"""`trainer=ddp_sim` (2 CPU processes over gloo) computes the same first step as one process with the same global batch.
+
+Both runs go through `train(cfg)` with the `tiny` preset on a 2-image dataset: one process with batch 2, or
+`ddp_sim` (run as `ddp_spawn`, as pytest requires) with batch 1 per process. To compare numbers rather than
+random streams, a callback fixes the criterion's random point draws to the same points in every process
+(every row of every `torch.rand` call gets the same values), and BatchNorm is frozen (batch statistics of 2
+images differ from those of 1 + 1; the paper's R50 uses frozen BN anyway).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from proscale.train import train
+from proscale.utils.hydra_utils import compose_config
+
+_real_rand = torch.rand
+
+
+def _same_points_rand(*size, generator=None, out=None, dtype=None, device=None, **kwargs):
+    """`torch.rand` whose value depends only on the last two dims: identical points for every mask and image."""
+    shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else tuple(size)
+    base = _real_rand(shape[-2:], generator=torch.Generator().manual_seed(1234))
+    return base.expand(shape).clone().to(device=device, dtype=dtype or torch.float32)
+
+
+class FirstStepCapture(Callback):
+    """Saves (per rank) the first step's loss and the gradients before clipping/optimizer step to ``out_dir``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        torch.rand = _same_points_rand  # in the spawned processes too: this hook runs in each of them
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        torch.rand = _real_rand
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0 and not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1 and self.grads:
+            path = Path(self.out_dir) / f"rank{trainer.global_rank}.pt"
+            torch.save({"loss": outputs["loss"].detach(), "grads": self.grads}, path)
+            self.grads = {}
+
+
+def _first_step(tmp_path: Path, data_dir: Path, name: str, *overrides: str) -> list[dict]:
+    out = tmp_path / name
+    out.mkdir()
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=tiny",
+            "num_threads=1",
+            "trainer.enable_progress_bar=false",
+            f"paths.data_dir={data_dir}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "data.num_train=2",
+            "data.num_val=2",
+            "data.train_transforms=[]",
+            "+model.backbone.freeze_bn=true",
+            "steps=1",
+            "test=false",
+            "trainer.limit_val_batches=0",
+            "callbacks.compute_stats.timing_runs=0",
+            # The class loss is a weighted mean (no-object weight 0.1) normalized per process, as in the original:
+            # with unequal object counts per image the ranks' denominators differ. Equal weights make it exact.
+            "module.criterion.eos_coef=1.0",
+            f"+callbacks.capture._target_={__name__}.FirstStepCapture",
+            f"+callbacks.capture.out_dir={out}",
+            *overrides,
+        ],
+        output_dir=out / "run",
+    )
+    train(cfg)
+    return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.mark.parametrize(
+    "encoder",
+    [
+        "m2f",
+        pytest.param(
+            "proscale",
+            marks=[
+                pytest.mark.slow,
+                # Open bug: with TRC on, the 2-process gradients of the backbone / gated levels differ from the
+                # single-process ones (losses agree to 1e-7; the encoder alone is batch-independent; TRC off
+                # passes). Kept visible here until it is fixed.
+                pytest.mark.xfail(
+                    reason="DDP gradients differ from one process when PRO-SCALE's TRC is on", strict=True
+                ),
+            ],
+        ),
+    ],
+)
+def test_ddp_sim_first_step_matches_single_process(tmp_path, encoder):
+    data_dir = tmp_path / "data"
+    single = _first_step(tmp_path, data_dir, "single", "trainer=cpu", "data.batch_size=2", f"model/encoder={encoder}")
+    ddp = _first_step(
+        tmp_path,
+        data_dir,
+        "ddp",
+        "trainer=ddp_sim",
+        "trainer.strategy=ddp_spawn",
+        "data.batch_size=1",
+        f"model/encoder={encoder}",
+    )
+    assert len(single) == 1 and len(ddp) == 2
+    # DDP averages gradients over ranks; the criterion normalizes by the global mask count, so the mean of the
+    # per-rank losses is the global-batch loss and the averaged gradients are its gradients.
+    mean_loss = (ddp[0]["loss"] + ddp[1]["loss"]) / 2
+    assert mean_loss.item() == pytest.approx(single[0]["loss"].item(), abs=1e-5)
+    assert not torch.allclose(ddp[0]["loss"], ddp[1]["loss"])  # the ranks really saw different images
+    grads_single, grads_rank0, grads_rank1 = single[0]["grads"], ddp[0]["grads"], ddp[1]["grads"]
+    assert set(grads_single) == set(grads_rank0) == set(grads_rank1)
+    assert len(grads_single) > 50
+    for name, grad in grads_single.items():
+        torch.testing.assert_close(grads_rank0[name], grads_rank1[name], atol=0, rtol=0)  # all-reduced: identical
+        torch.testing.assert_close(grads_rank0[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class NaNFirstStep(Callback):
+    """Makes the first loss of rank 1 only NaN; records each rank's skip count and parameters at the end."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        from proscale.models.criterion import SetCriterion
+
+        real_total, rank, calls = SetCriterion.total_loss, trainer.global_rank, {"n": 0}
+
+        def total_loss(criterion, losses):
+            calls["n"] += 1
+            value = real_total(criterion, losses)
+            return value * float("nan") if rank == 1 and calls["n"] == 1 else value
+
+        SetCriterion.total_loss = total_loss
+        self._restore = lambda: setattr(SetCriterion, "total_loss", real_total)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {"skipped": pl_module.nonfinite_total, "step": trainer.global_step}
+        # parameters only: BatchNorm running statistics legitimately differ per rank (each sees its own images)
+        state["weights"] = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        torch.save(state, Path(self.out_dir) / f"nan_rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow  # spawned ranks: ~1 min on an idle 2-core machine
+def test_ddp_nonfinite_loss_on_one_rank_is_skipped_on_all(tmp_path):
+    out = tmp_path / "nan"
+    out.mkdir()
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=tiny",
+            "num_threads=1",
+            "trainer.enable_progress_bar=false",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "data.num_train=4",
+            "data.batch_size=1",
+            "steps=2",
+            "test=false",
+            "trainer.limit_val_batches=0",
+            "callbacks.compute_stats.timing_runs=0",
+            "trainer=ddp_sim",
+            "trainer.strategy=ddp_spawn",
+            f"+callbacks.nan._target_={__name__}.NaNFirstStep",
+            f"+callbacks.nan.out_dir={out}",
+        ],
+        output_dir=out / "run",
+    )
+    train(cfg)
+    ranks = [torch.load(out / f"nan_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [1, 1]  # rank 0's loss was finite, it skipped too
+    for name, value in ranks[0]["weights"].items():
+        torch.testing.assert_close(ranks[1]["weights"][name], value, atol=0, rtol=0)  # ranks stayed in sync
