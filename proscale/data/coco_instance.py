@@ -28,9 +28,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from proscale.data.categories import builtin_meta, meta_from_categories
-from proscale.data.coco_panoptic import load_json
-from proscale.data.common import check_size, make_item, require_paths
+from proscale.data.categories import meta_from_categories
+from proscale.data.common import check_size, load_json, make_item, resolve_meta
 from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, lsj_recipe
 from proscale.data.image_io import read_rgb_image
 from proscale.data.issues import IssueLog
@@ -199,13 +198,8 @@ class CocoInstanceDataModule(SegmentationDataModule):
         kwargs.setdefault("val_split", "val2017")
         self.templates = {"image_dir": image_dir, "instance_json": instance_json}
         root = Path(root)
-        if isinstance(meta, str):
-            if meta == "json":
-                json_path = root / instance_json.format(split=kwargs["train_split"])
-                require_paths({"instance JSON (for the categories)": json_path}, self.name, self.layout)
-                meta = meta_from_categories(load_json(json_path).get("categories", []), str(json_path))
-            else:
-                meta = builtin_meta(meta)
+        json_path = root / instance_json.format(split=kwargs["train_split"])
+        meta = resolve_meta(meta, json_path, "instance JSON", self.name, self.layout)
         super().__init__(root=root, meta=meta, **kwargs)
 
     def split_paths(self, split: str) -> dict[str, Path]:

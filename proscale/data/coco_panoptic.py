@@ -17,7 +17,6 @@ images without annotations): handled cases become void, never a wrong label.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,23 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from proscale.data.categories import builtin_meta, meta_from_categories
-from proscale.data.common import check_size, make_item, require_paths
+from proscale.data.categories import meta_from_categories
+from proscale.data.common import check_size, load_json, make_item, resolve_meta
 from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, lsj_recipe
 from proscale.data.image_io import read_panoptic_png, read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import Sample
 from proscale.structures import DatasetMeta
-
-
-def load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: annotation JSON file is missing")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot parse annotation JSON: {error}") from error
 
 
 def image_path_same_name(image_dir: Path, image: dict, annotation: dict | None) -> Path:
@@ -256,14 +245,8 @@ class PanopticDataModule(SegmentationDataModule):
         self.instance_json_template = instance_json
         self.image_path_rule = image_path_rule
         root = Path(root)
-        if isinstance(meta, str):
-            if meta == "json":
-                train_split = kwargs.get("train_split", "train")
-                json_path = root / panoptic_json.format(split=train_split)
-                require_paths({"panoptic JSON (for the categories)": json_path}, self.name, self.layout)
-                meta = meta_from_categories(load_json(json_path).get("categories", []), str(json_path))
-            else:
-                meta = builtin_meta(meta)
+        json_path = root / panoptic_json.format(split=kwargs.get("train_split", "train"))
+        meta = resolve_meta(meta, json_path, "panoptic JSON", self.name, self.layout)
         super().__init__(root=root, meta=meta, **kwargs)
 
     def split_paths(self, split: str) -> dict[str, Path]:
