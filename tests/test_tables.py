@@ -70,3 +70,15 @@ def test_write_tables_creates_all_files(sweep, tmp_path_factory):
 def test_missing_sweep_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         find_job_dirs(tmp_path / "nope")
+
+
+def test_generic_timm_backbone_is_named_by_its_model(tmp_path):
+    """`model/backbone=timm` says nothing about the network: the table names the timm model instead."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    cfg = {"seed": 0, "model": {"lpe": True, "backbone": {"name": "timm", "model_name": "resnet18"}, "encoder": {}}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    choices = {"hydra": {"runtime": {"choices": {"model/encoder": "m2f", "model/backbone": "timm"}}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
+    (job / "results.json").write_text(json.dumps(ok(10.0)))
+    assert load_job(job).backbone == "resnet18"

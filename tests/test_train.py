@@ -177,7 +177,13 @@ def test_results_json_and_checkpoints(trained_run):
         assert 0.0 <= results[key] <= 100.0
     for key in ("encoder_gflops", "total_gflops", "params", "ms_per_img", "wall_time_s"):
         assert results[key] > 0
-    assert results["tags"] == {"encoder": "proscale", "schedule": "3-3-3", "backbone": "timm", "lpe": True, "seed": 0}
+    assert results["tags"] == {
+        "encoder": "proscale",
+        "schedule": "3-3-3",
+        "backbone": "resnet10t",
+        "lpe": True,
+        "seed": 0,
+    }
     checkpoints = trained_run["run_dir"] / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file() and Path(results["best_checkpoint"]).is_file()
     checkpoint = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)

@@ -89,6 +89,8 @@ def load_job(job_dir: Path) -> Job:
     choices = _dig(_read_yaml(job_dir / ".hydra" / "hydra.yaml") or {}, "hydra.runtime.choices", {}) or {}
     encoder = str(choices.get("model/encoder") or _dig(cfg, "model.encoder._target_", "?").rsplit(".", 1)[-1])
     backbone = str(choices.get("model/backbone") or _dig(cfg, "model.backbone.name", "?"))
+    if backbone == "timm":  # the generic timm group: name the actual model
+        backbone = str(_dig(cfg, "model.backbone.model_name", None) or backbone)
     schedule = _dig(cfg, "model.encoder.schedule")
     schedule_str = "(" + ",".join(str(int(p)) for p in schedule) + ")" if schedule else "-"
     job = Job(

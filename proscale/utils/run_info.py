@@ -50,10 +50,12 @@ def run_tags(cfg: DictConfig) -> dict[str, Any]:
     encoder = choices.get("model/encoder")
     if encoder is None and isinstance(encoder_node, DictConfig):
         encoder = str(encoder_node.get("_target_", "?")).rsplit(".", 1)[-1]
+    backbone_node = _find_key(model, "backbone")
     backbone = choices.get("model/backbone")
     if backbone is None:
-        backbone_node = _find_key(model, "backbone")
         backbone = backbone_node.get("name", "?") if isinstance(backbone_node, DictConfig) else "?"
+    if backbone == "timm" and isinstance(backbone_node, DictConfig) and backbone_node.get("model_name"):
+        backbone = str(backbone_node.get("model_name"))  # the generic timm group: name the actual model
     schedule = _find_key(encoder_node, "schedule") if encoder_node is not None else None
     lpe = _find_key(model, "lpe")
     return {
