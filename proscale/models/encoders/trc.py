@@ -72,7 +72,11 @@ class TokenRecalibration(nn.Module):
         if self.layout == "released":
             features = resized.reshape(batch, target_shape[0] * target_shape[1], channels)
         else:
-            features = resized.flatten(2).transpose(1, 2)
+            # Contiguous so that every batch size takes the same GEMM path: Linear flattens (B, N, C) to (B*N, C),
+            # a view of the transposed map only when B == 1 (a transposed-operand GEMM, 1 ulp off), a copy when
+            # B > 1. Without it an image's gates depended on how many images shared its batch, so batch 2 and
+            # 2 x batch 1 (DDP) could not match bitwise (tests/test_ddp.py). Free for B > 1: Linear copied anyway.
+            features = resized.flatten(2).transpose(1, 2).contiguous()
         return torch.sigmoid(self.temperature * self.linear(features))
 
     def forward(self, targets: list[Tensor], target_shapes: list[tuple[int, int]], source: Tensor) -> list[Tensor]:
