@@ -7,6 +7,11 @@
 ``layer_1`` is a 3x3 conv (no bias) + GN + ReLU, or with ``lpe=True`` (PRO-SCALE's light pixel embedding) a
 3x3 stride-1 max-pool + GN + ReLU. The encoder (any ``MultiScaleEncoder``) is the only part that differs
 between M2F, PRO-SCALE, RT-M2F and Lite-M2F.
+
+Inference fast path (CPU, fp32/fp64, nothing needs a gradient): the 1x1 convolutions run as plain GEMMs,
+the GroupNorms in place, and the whole stride-4 tail (adapter GN + upsample-add + max-pool/conv + GN +
+ReLU, then the mask projection) in place in one buffer (:mod:`proscale.models.ops.fpn_tail`). Same
+function, same parameters and state-dict keys; training (autograd recording) runs the modules.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from proscale.models.encoders.base import MultiScaleEncoder
+from proscale.models.ops.fpn_tail import conv1x1, conv1x1_, conv1x1_group_norm, fpn_tail
 
 ENCODER_INPUTS = ("res5", "res4", "res3")  # coarse first, the order of ``input_proj``
 
@@ -110,12 +117,87 @@ class PixelDecoder(nn.Module):
         return self._forward(features)
 
     def _forward(self, features: dict[str, Tensor]) -> PixelDecoderOutput:
-        projected = [proj(features[name]) for proj, name in zip(self.input_proj, ENCODER_INPUTS)]
+        res2 = features["res2"]
+        fast = self._fast_path_applies(res2)
+        if fast:  # 1x1 conv as a plain GEMM, GroupNorm in place
+            projected = [
+                conv1x1_group_norm(features[name], *proj) for proj, name in zip(self.input_proj, ENCODER_INPUTS)
+            ]
+        else:
+            projected = [proj(features[name]) for proj, name in zip(self.input_proj, ENCODER_INPUTS)]
         encoded = self.encoder(projected)
-        lateral = self.adapter_1(features["res2"])
-        upsampled = F.interpolate(encoded[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-        fine = self.layer_1(lateral + upsampled)
-        return PixelDecoderOutput(mask_features=self.mask_features(fine), multi_scale_features=list(encoded))
+        if fast and self._fast_tail_applies(res2, encoded[-1]):
+            fine = fpn_tail(res2, encoded[-1], self.adapter_1, self.layer_1)
+            if self.mask_features.in_channels == self.mask_features.out_channels:
+                # ``fine`` is a buffer of our own, used by nothing else: project it in place
+                return PixelDecoderOutput(conv1x1_(fine, self.mask_features), multi_scale_features=list(encoded))
+        else:
+            lateral = self.adapter_1(res2)
+            # the encoder output is a channels-last view: the bilinear kernel is ~4x faster on a contiguous map
+            coarse = encoded[-1].contiguous()
+            upsampled = F.interpolate(coarse, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            fine = self.layer_1(lateral + upsampled)
+        mask_features = conv1x1(fine, self.mask_features) if fast else self.mask_features(fine)
+        return PixelDecoderOutput(mask_features=mask_features, multi_scale_features=list(encoded))
+
+    def _fast_path_applies(self, res2: Tensor) -> bool:
+        """Whether the inference fast paths (:mod:`proscale.models.ops.fpn_tail`: in place, no autograd) may
+        replace the 1x1 convolutions + GroupNorms of ``input_proj`` and ``mask_features``: nothing needs a
+        gradient, CPU fp32/fp64, standard modules, and nobody observes them (no hooks, no dispatch mode)."""
+        if res2.device.type != "cpu" or res2.dtype not in (torch.float32, torch.float64):
+            return False
+        if torch.is_grad_enabled() and (res2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if _get_current_dispatch_mode() is not None:  # e.g. the FLOP counter on real tensors
+            return False
+        plain = [*self.input_proj, self.mask_features]
+        if any(m._forward_hooks or m._forward_pre_hooks for part in plain for m in part.modules()):
+            return False
+        return all(
+            len(proj) == 2 and _is_plain_conv1x1(proj[0]) and type(proj[1]) is nn.GroupNorm for proj in self.input_proj
+        ) and _is_plain_conv1x1(self.mask_features)
+
+    def _fast_tail_applies(self, res2: Tensor, coarse: Tensor) -> bool:
+        """Whether :func:`~proscale.models.ops.fpn_tail.fpn_tail` may run the tail (given that
+        :meth:`_fast_path_applies`): the tail modules are the standard ones this file builds, unobserved."""
+        if coarse.dtype != res2.dtype or coarse.requires_grad:
+            return False
+        conv, norm_in = self.adapter_1
+        smooth, norm_out, act = self.layer_1
+        standard_adapter = (
+            _is_plain_conv1x1(conv)
+            and type(norm_in) is nn.GroupNorm
+            and type(norm_out) is nn.GroupNorm
+            and type(act) is nn.ReLU
+            and norm_in.num_channels // norm_in.num_groups == norm_out.num_channels // norm_out.num_groups
+        )
+        if isinstance(smooth, nn.MaxPool2d):
+            standard_smooth = (
+                smooth.kernel_size in (3, (3, 3))
+                and smooth.stride in (1, (1, 1))
+                and smooth.padding in (1, (1, 1))
+                and smooth.dilation in (1, (1, 1))
+                and not smooth.ceil_mode
+                and not smooth.return_indices
+            )
+        else:
+            standard_smooth = type(smooth) is nn.Conv2d
+        hooked = any(
+            m._forward_hooks or m._forward_pre_hooks for part in (self.adapter_1, self.layer_1) for m in part.modules()
+        )
+        return standard_adapter and standard_smooth and not hooked
+
+
+def _is_plain_conv1x1(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 __all__ = ["PixelDecoder", "PixelDecoderOutput", "c2_xavier_fill"]

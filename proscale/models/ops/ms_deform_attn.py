@@ -11,6 +11,10 @@ uses :class:`MSDeformAttn`. The sampling kernel is chosen by ``impl``:
 - ``"grid_sample"``: the reference (per-level ``F.grid_sample``, stack, weight, sum), kept for tests and
   as the baseline for benchmarks.
 
+Without autograd (CPU, ``gather`` kernel), :class:`MSDeformAttn` computes the sampling offsets and the
+attention logits with one GEMM of the two stacked weight matrices, the offset rows reordered so that
+every (coordinate, level) is a contiguous block (bit-identical results, parameters unchanged).
+
 More kernels can be added with :func:`register_impl` and chosen per module (``impl=``) or process-wide
 (:func:`set_default_impl`).
 
@@ -163,9 +167,25 @@ class MSDeformAttn(nn.Module):
         Returns:
             (B, Q, C)
         """
+        return self.output_proj(self.sample(query, reference_points, value_input, spatial_shapes, value_padding_mask))
+
+    def sample(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value_input: Tensor,
+        spatial_shapes: SpatialShapes,
+        value_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`forward` without the final ``output_proj``: the attended values (B, Q, C), heads concatenated.
+
+        (Encoder layers use it to fold ``output_proj`` and the residual add into one GEMM at inference.)
+        """
         batch, queries, _ = query.shape
         if len(spatial_shapes) != self.n_levels:
             raise ValueError(f"MSDeformAttn built for {self.n_levels} levels got {len(spatial_shapes)} shapes")
+        if self._inference_path_applies(query, reference_points, value_input):
+            return self._sample_inference(query, reference_points, value_input, spatial_shapes, value_padding_mask)
         value = self.value_proj(value_input)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
@@ -175,10 +195,49 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
         if (self.impl or _DEFAULT_IMPL) == "gather" and not reference_points.requires_grad:
             # the fast kernel forms ref * size + offset per level itself (no normalized-location tensor)
-            out = ms_deform_attn_gather_from_offsets(value, spatial_shapes, reference_points, offsets, weights)
-            return self.output_proj(out)
+            return ms_deform_attn_gather_from_offsets(value, spatial_shapes, reference_points, offsets, weights)
         # offsets are in pixels of each level: divide by (W_l, H_l)
         normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])  # (L, 2)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)
-        return self.output_proj(out)
+        return ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)
+
+    def _inference_path_applies(self, query: Tensor, reference_points: Tensor, value_input: Tensor) -> bool:
+        """No autograd needed, CPU without autocast and the default ``gather`` kernel: then :meth:`_sample_inference`
+        computes the same values with one fused projection GEMM and a faster position layout."""
+        if (self.impl or _DEFAULT_IMPL) != "gather" or query.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and (
+            query.requires_grad
+            or value_input.requires_grad
+            or reference_points.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+        ):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+
+    def _fused_projection(self) -> tuple[Tensor, Tensor]:
+        """``sampling_offsets`` and ``attention_weights`` stacked into one (N_off + N_att, C) weight and bias,
+        the offset rows reordered from (head, level, point, xy) to (xy, level, head, point): the GEMM
+        output then holds each (coordinate, level) as a (heads * points)-wide contiguous block, which the
+        sampling kernel's per-level arithmetic reads without short strided inner loops."""
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        order = torch.arange(heads * levels * points * 2).view(heads, levels, points, 2).permute(3, 1, 0, 2).flatten()
+        order = order.to(self.sampling_offsets.weight.device)
+        weight = torch.cat((self.sampling_offsets.weight[order], self.attention_weights.weight))
+        bias = torch.cat((self.sampling_offsets.bias[order], self.attention_weights.bias))
+        return weight, bias
+
+    def _sample_inference(self, query, reference_points, value_input, spatial_shapes, value_padding_mask) -> Tensor:
+        batch, queries, _ = query.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input)
+        if value_padding_mask is not None:
+            value = value.masked_fill_(value_padding_mask[..., None], 0.0)
+        value = value.view(batch, value.shape[1], heads, self.d_model // heads)
+        projected = F.linear(query, *self._fused_projection())
+        num_offsets = heads * levels * points * 2
+        # (B, Q, xy, L, M, P) block layout viewed as the kernel's (B, Q, M, L, P, xy)
+        offsets = projected[..., :num_offsets].view(batch, queries, 2, levels, heads, points).permute(0, 1, 4, 3, 5, 2)
+        logits = projected[..., num_offsets:].view(batch, queries, heads, levels * points)
+        weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+        return ms_deform_attn_gather_from_offsets(value, spatial_shapes, reference_points, offsets, weights)

@@ -54,7 +54,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _padded_table(level_value: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
     """(B, H*W, M, D) -> zero-bordered rows (B*(H+2)*(W+2)*M, D) in ``dtype``."""
     batch, _, heads, dim = level_value.shape
-    table = level_value.new_zeros(batch, height + 2, width + 2, heads, dim, dtype=dtype)
+    table = level_value.new_empty(batch, height + 2, width + 2, heads, dim, dtype=dtype)
+    # zero only the border (zero-filling the whole table first would write it twice)
+    table[:, 0].zero_()
+    table[:, -1].zero_()
+    table[:, 1:-1, 0].zero_()
+    table[:, 1:-1, -1].zero_()
     table[:, 1:-1, 1:-1] = level_value.view(batch, height, width, heads, dim)
     return table.view(-1, dim)
 
