@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from proscale.models.encoders.base import MultiScaleEncoder
 from proscale.models.ops.fpn_tail import conv1x1, conv1x1_, conv1x1_group_norm, fpn_tail
+from proscale.models.ops.inference_gate import fast_inference_allowed
 
 ENCODER_INPUTS = ("res5", "res4", "res3")  # coarse first, the order of ``input_proj``
 
@@ -142,16 +142,10 @@ class PixelDecoder(nn.Module):
 
     def _fast_path_applies(self, res2: Tensor) -> bool:
         """Whether the inference fast paths (:mod:`proscale.models.ops.fpn_tail`: in place, no autograd) may
-        replace the 1x1 convolutions + GroupNorms of ``input_proj`` and ``mask_features``: nothing needs a
-        gradient, CPU fp32/fp64, standard modules, and nobody observes them (no hooks, no dispatch mode)."""
-        if res2.device.type != "cpu" or res2.dtype not in (torch.float32, torch.float64):
-            return False
-        if torch.is_grad_enabled() and (res2.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if _get_current_dispatch_mode() is not None:  # e.g. the FLOP counter on real tensors
-            return False
-        plain = [*self.input_proj, self.mask_features]
-        if any(m._forward_hooks or m._forward_pre_hooks for part in plain for m in part.modules()):
+        replace the 1x1 convolutions + GroupNorms of ``input_proj`` and ``mask_features``: fp32/fp64, standard
+        modules, and :func:`fast_inference_allowed` (CPU, nothing needs a gradient, nobody observes the modules:
+        no hooks, no dispatch mode)."""
+        if res2.dtype not in (torch.float32, torch.float64) or not fast_inference_allowed(self, res2):
             return False
         return all(
             len(proj) == 2 and _is_plain_conv1x1(proj[0]) and type(proj[1]) is nn.GroupNorm for proj in self.input_proj
@@ -182,10 +176,7 @@ class PixelDecoder(nn.Module):
             )
         else:
             standard_smooth = type(smooth) is nn.Conv2d
-        hooked = any(
-            m._forward_hooks or m._forward_pre_hooks for part in (self.adapter_1, self.layer_1) for m in part.modules()
-        )
-        return standard_adapter and standard_smooth and not hooked
+        return standard_adapter and standard_smooth  # (hooks were ruled out by :meth:`_fast_path_applies`)
 
 
 def _is_plain_conv1x1(conv: nn.Module) -> bool:

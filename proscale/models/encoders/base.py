@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from proscale.models.ops import MSDeformAttn
+from proscale.models.ops.inference_gate import fast_inference_allowed
 from proscale.models.position_encoding import PositionEmbeddingSine
 from proscale.registry import Registry
 
@@ -109,22 +110,16 @@ class DeformableEncoderLayer(nn.Module):
         return torch.cat([out, tokens[:, num_queries:]], dim=1)
 
     def _inference_path_applies(self, tokens: Tensor, pos: Tensor) -> bool:
-        """No autograd needed, dropout inactive, ReLU FFN, nobody hooked into the sub-modules, CPU fp32/fp64
-        without autocast:
-        then :meth:`_forward_inference` computes the same function with fewer passes and allocations."""
-        if tokens.device.type != "cpu" or tokens.dtype not in (torch.float32, torch.float64):
-            return False
-        if torch.is_autocast_enabled("cpu"):  # the modules' autocast casts, not reproduced with out= buffers
-            return False
-        if torch.is_grad_enabled() and (
-            tokens.requires_grad or pos.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
+        """fp32/fp64, dropout inactive, ReLU FFN, and :func:`fast_inference_allowed` (CPU, no autograd, no
+        autocast, no hooks on the sub-modules): then :meth:`_forward_inference` computes the same function with
+        fewer passes and allocations."""
+        if tokens.dtype not in (torch.float32, torch.float64):
             return False
         if self.training and any(d.p > 0 for d in (self.dropout1, self.dropout2, self.dropout3)):
             return False
         if type(self.activation) is not nn.ReLU:
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+        return fast_inference_allowed(self, tokens, pos)
 
     def _forward_inference(
         self, query: Tensor, query_pos: Tensor, query_ref: Tensor, tokens: Tensor, spatial_shapes

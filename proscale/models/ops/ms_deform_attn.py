@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proscale.models.ops.inference_gate import fast_inference_allowed
 from proscale.models.ops.ms_deform_attn_gather import ms_deform_attn_gather, ms_deform_attn_gather_from_offsets
 
 SpatialShapes = Sequence[tuple[int, int]]
@@ -202,18 +203,12 @@ class MSDeformAttn(nn.Module):
         return ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)
 
     def _inference_path_applies(self, query: Tensor, reference_points: Tensor, value_input: Tensor) -> bool:
-        """No autograd needed, CPU without autocast and the default ``gather`` kernel: then :meth:`_sample_inference`
-        computes the same values with one fused projection GEMM and a faster position layout."""
-        if (self.impl or _DEFAULT_IMPL) != "gather" or query.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        """The default ``gather`` kernel and :func:`fast_inference_allowed` (CPU, no autograd, no autocast, no
+        hooks): then :meth:`_sample_inference` computes the same values with one fused projection GEMM and a
+        faster position layout."""
+        if (self.impl or _DEFAULT_IMPL) != "gather":
             return False
-        if torch.is_grad_enabled() and (
-            query.requires_grad
-            or value_input.requires_grad
-            or reference_points.requires_grad
-            or any(p.requires_grad for p in self.parameters())
-        ):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+        return fast_inference_allowed(self, query, value_input, reference_points)
 
     def _fused_projection(self) -> tuple[Tensor, Tensor]:
         """``sampling_offsets`` and ``attention_weights`` stacked into one (N_off + N_att, C) weight and bias,
