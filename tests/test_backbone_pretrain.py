@@ -1,0 +1,85 @@
+"""Backbone pre-training (``pretrain=semantic``): semantic targets, the cached checkpoint, loading it through
+``model.backbone.pretrained``, and the training task using it. Tiny preset (64 px, resnet10t)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from proscale.lightning.backbone_pretrain import IGNORE_INDEX, pretrain_backbone, semantic_map
+from proscale.models.backbones import TimmBackbone
+from proscale.train import train
+from proscale.utils.hydra_utils import compose_config
+from proscale.utils.results import read_results
+
+TINY = ["experiment=tiny", "num_threads=1", "trainer.enable_progress_bar=false", "pretrain=semantic"]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return compose_config(
+        "train",
+        [*TINY, f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", *overrides],
+        output_dir=tmp_path / "run",
+    )
+
+
+def test_semantic_map_labels_pixels_later_segments_win_and_ignores_the_rest():
+    masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    masks[0, :2] = True  # rows 0-1: class 3
+    masks[1, 1:3, :2] = True  # overlaps row 1 (cols 0-1): class 7 wins there
+    out = semantic_map([{"labels": torch.tensor([3, 7]), "masks": masks}], (4, 5))
+    expected = torch.full((1, 4, 5), IGNORE_INDEX)
+    expected[0, :2] = 3
+    expected[0, 1:3, :2] = 7
+    assert torch.equal(out, expected)
+    # an image without segments is all ignored; a target smaller than the padded batch leaves padding ignored
+    empty = semantic_map(
+        [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 4, 5, dtype=torch.bool)}], (6, 5)
+    )
+    assert (empty == IGNORE_INDEX).all()
+    padded = semantic_map([{"labels": torch.tensor([2]), "masks": torch.ones(1, 4, 5, dtype=torch.bool)}], (6, 5))
+    assert (padded[0, :4] == 2).all() and (padded[0, 4:] == IGNORE_INDEX).all()
+
+
+def test_pretrain_writes_a_loadable_cached_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, "pretrain.steps=3")
+    path, info = pretrain_backbone(cfg)
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    assert info["cached"] is False and info["steps"] == 3 and 0.0 <= info["pixel_accuracy"] <= 1.0
+    state = torch.load(path, map_location="cpu")
+    fresh = TimmBackbone("resnet10t")
+    assert not torch.equal(fresh.body.state_dict()["conv1.0.weight"], state["conv1.0.weight"])  # it trained
+    loaded = TimmBackbone("resnet10t", pretrained=str(path))
+    for key, value in loaded.body.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+    # same settings: reused, not retrained; other settings: another file
+    mtime = path.stat().st_mtime_ns
+    again, info2 = pretrain_backbone(_cfg(tmp_path, "pretrain.steps=3"))
+    assert again == path and info2["cached"] is True and path.stat().st_mtime_ns == mtime
+    other, _ = pretrain_backbone(_cfg(tmp_path, "pretrain.steps=2"))
+    assert other != path and other.is_file()
+
+
+def test_pretrain_refuses_to_train_in_one_of_several_distributed_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="model.backbone.pretrained"):
+        pretrain_backbone(_cfg(tmp_path, "pretrain.steps=1"))
+
+
+def test_pretrain_rejects_zero_steps(tmp_path):
+    with pytest.raises(ValueError, match="pretrain.steps"):
+        pretrain_backbone(_cfg(tmp_path, "pretrain.steps=0"))
+
+
+def test_train_uses_the_pretrained_backbone_and_reports_it(tmp_path):
+    cfg = _cfg(tmp_path, "pretrain.steps=2", "steps=1", "test=false")
+    _, objects = train(cfg)
+    info = read_results(tmp_path / "run")["backbone_pretrain"]
+    path = Path(info["path"])
+    assert path.is_file() and info["steps"] == 2
+    assert objects["cfg"].model.backbone.pretrained == str(path)
+    assert json.loads(path.with_suffix(".json").read_text())["steps"] == 2
