@@ -7,10 +7,12 @@ call: every (batch, query, head) bag sums its 4*P weighted value rows, so nothin
 ever stored. Pure PyTorch, public ops only, any device.
 
 Tricks, and why:
-- Each level's values are copied once into a zero-bordered table (B, H+2, W+2, M, D). Corners that fall
-  one pixel outside the map then read the zero border instead of needing a per-corner bounds test,
-  and the four corners of a point sit at fixed row offsets from its top-left corner; points more than
-  one pixel outside get weight 0 (``grid_sample``'s zero padding, exactly).
+- Each level's values are copied once into a table with a zero border two pixels wide,
+  (B, H+4, W+4, M, D). Pixel positions are clamped to [-2, W] x [-2, H], so every top-left corner lies in
+  [-2, W] and all four corners inside the table: a point partly outside the map reads zeros for its
+  outside corners, a point entirely outside (or clamped from far away) reads only zeros. That is
+  ``grid_sample``'s zero padding exactly, with no per-point bounds test or validity mask, and the four
+  corners of a point sit at fixed row offsets from its top-left corner.
 - Sampling arithmetic runs in fp32 whatever the input dtype (bf16 values are gathered in fp32 and the
   result is cast back), so bf16 training keeps exact sampling positions.
 - A custom backward (``_GatherDeformAttn``) keeps memory small: it saves only the padded table and the
@@ -51,16 +53,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Width of the zero border around each level's table (see the module docstring).
+BORDER = 2
+
+
 def _padded_table(level_value: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
-    """(B, H*W, M, D) -> zero-bordered rows (B*(H+2)*(W+2)*M, D) in ``dtype``."""
+    """(B, H*W, M, D) -> zero-bordered rows (B*(H+4)*(W+4)*M, D) in ``dtype``."""
     batch, _, heads, dim = level_value.shape
-    table = level_value.new_empty(batch, height + 2, width + 2, heads, dim, dtype=dtype)
+    b = BORDER
+    table = level_value.new_empty(batch, height + 2 * b, width + 2 * b, heads, dim, dtype=dtype)
     # zero only the border (zero-filling the whole table first would write it twice)
-    table[:, 0].zero_()
-    table[:, -1].zero_()
-    table[:, 1:-1, 0].zero_()
-    table[:, 1:-1, -1].zero_()
-    table[:, 1:-1, 1:-1] = level_value.view(batch, height, width, heads, dim)
+    table[:, :b].zero_()
+    table[:, -b:].zero_()
+    table[:, b:-b, :b].zero_()
+    table[:, b:-b, -b:].zero_()
+    table[:, b:-b, b:-b] = level_value.view(batch, height, width, heads, dim)
     return table.view(-1, dim)
 
 
@@ -68,8 +75,8 @@ class _LevelCorners:
     """Top-left corner rows and bilinear factors of every sampling point of one level.
 
     All tensors are (B, Q, M, P). ``rows`` indexes the padded table of :func:`_padded_table`; the other
-    corners are ``rows + corner_offsets``. ``fx``/``fy`` are the fractional positions, ``weight`` the
-    attention weight times 0/1 validity (0 when the point lies over a pixel outside the map).
+    corners are ``rows + corner_offsets``. ``fx``/``fy`` are the fractional positions of the clamped pixel
+    position, ``weight`` the attention weight (outside corners read the zero border).
     """
 
     def __init__(
@@ -92,28 +99,27 @@ class _LevelCorners:
             ref = reference_points.to(dtype)
             pix_x = positions[..., 0] + (ref[..., 0] * width - 0.5)[:, :, None, None]
             pix_y = positions[..., 1] + (ref[..., 1] * height - 0.5)[:, :, None, None]
-        # clamped to just beyond the border pixels: far-away and infinite positions stay finite (weight 0)
-        pix_x = pix_x.clamp_(-2, width + 1)
-        pix_y = pix_y.clamp_(-2, height + 1)
+        # Clamped into the zero border: a position more than a pixel outside the map (or infinite) becomes
+        # one whose corners are all border zeros; positions that touch the map are unchanged.
+        pix_x = pix_x.clamp_(-BORDER, width)
+        pix_y = pix_y.clamp_(-BORDER, height)
         x0 = pix_x.floor()
         y0 = pix_y.floor()
-        self.fx = pix_x - x0
-        self.fy = pix_y - y0
-        # Points whose top-left corner is in [-1, size-1] touch the map; the zero border does the rest.
-        valid = (x0 >= -1) & (x0 <= width - 1) & (y0 >= -1) & (y0 <= height - 1)
-        self.valid = valid
-        self.weight = weights.to(dtype) * valid
-        rows_total = batch * (height + 2) * (width + 2) * heads
+        self.fx = pix_x.sub_(x0)
+        self.fy = pix_y.sub_(y0)
+        self.weight = weights.to(dtype)
+        padded_width = width + 2 * BORDER
+        rows_total = batch * (height + 2 * BORDER) * padded_width * heads
         index_dtype = torch.int32 if rows_total < 2**31 else torch.int64
         # clamp after the integer cast too, so NaN positions (NaN out) cannot index outside the table
-        col = x0.to(index_dtype).clamp_(-1, width - 1).add_(1)
-        row = y0.to(index_dtype).clamp_(-1, height - 1).add_(1)
+        col = x0.to(index_dtype).clamp_(-BORDER, width).add_(BORDER)
+        row = y0.to(index_dtype).clamp_(-BORDER, height).add_(BORDER)
         device = weights.device
-        table_stride = (height + 2) * (width + 2) * heads
+        table_stride = (height + 2 * BORDER) * padded_width * heads
         head_base = torch.arange(heads, device=device, dtype=index_dtype).view(1, 1, heads, 1)
         batch_base = torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1) * table_stride
-        self.rows = (row * ((width + 2) * heads)).add_(col * heads).add_(head_base + batch_base)
-        self.corner_offsets = (0, heads, (width + 2) * heads, (width + 3) * heads)
+        self.rows = row.mul_(padded_width * heads).add_(col.mul_(heads)).add_(head_base + batch_base)
+        self.corner_offsets = (0, heads, padded_width * heads, (padded_width + 1) * heads)
         self.num_rows = rows_total
 
     def corner_weights(self) -> list[Tensor]:
@@ -125,13 +131,23 @@ class _LevelCorners:
 
 
 def _gather_level(table: Tensor, corners: _LevelCorners) -> Tensor:
-    """Weighted sum over the 4*P corners of each (b, q, m) bag -> (B*Q*M, D)."""
+    """Weighted sum over the 4*P corners of each (b, q, m) bag -> (B*Q*M, D).
+
+    The bags' (4, P) corner indices and weights are written corner by corner into preallocated buffers
+    (``out=`` slices): broadcasting a (4, 1) offset pattern over the P points, or multiplying (2, 1, P) by
+    (1, 2, P) factors, runs TensorIterator loops only P = 4 long and is ~5x slower at these shapes."""
     rows = corners.rows
     points = rows.shape[-1]
-    indices = torch.stack([rows + offset for offset in corners.corner_offsets], dim=-2)  # (B, Q, M, 4, P)
-    weights = torch.stack(corners.corner_weights(), dim=-2)
+    bags = rows.numel() // points
+    top_left = rows.reshape(bags, points)
+    indices = rows.new_empty(bags, 4, points)
+    for corner, offset in enumerate(corners.corner_offsets):
+        torch.add(top_left, offset, out=indices[:, corner])
+    weights = corners.fx.new_empty(bags, 4, points)
+    for corner, weight in enumerate(corners.corner_weights()):
+        weights[:, corner] = weight.reshape(bags, points)
     return F.embedding_bag(
-        indices.view(-1, 4 * points), table, per_sample_weights=weights.view(-1, 4 * points), mode="sum"
+        indices.view(bags, 4 * points), table, per_sample_weights=weights.view(bags, 4 * points), mode="sum"
     )
 
 
@@ -196,7 +212,7 @@ def _point_grads(table: Tensor, grad_out: Tensor, corners: _LevelCorners) -> tup
     fx, fy = corners.fx, corners.fy
     top = s_tl + (s_tr - s_tl) * fx  # sample along the top edge
     bottom = s_bl + (s_br - s_bl) * fx
-    grad_weight = (top + (bottom - top) * fy) * corners.valid
+    grad_weight = top + (bottom - top) * fy
     grad_fx = ((s_tr - s_tl) + ((s_br - s_bl) - (s_tr - s_tl)) * fy) * corners.weight
     grad_fy = (bottom - top) * corners.weight
     return grad_weight, grad_fx, grad_fy
@@ -245,8 +261,9 @@ class _GatherDeformAttn(torch.autograd.Function):
         for level, (h, w) in enumerate(ctx.spatial_shapes):
             corners = _level_corners(positions, attention_weights, reference_points, level, h, w, dtype)
             if need_value:
-                grad_table = _scatter_level_grad(grad_out, corners).view(batch, h + 2, w + 2, heads, dim)
-                grad_value[:, start : start + h * w] = grad_table[:, 1:-1, 1:-1].reshape(batch, h * w, heads, dim)
+                b = BORDER
+                grad_table = _scatter_level_grad(grad_out, corners).view(batch, h + 2 * b, w + 2 * b, heads, dim)
+                grad_value[:, start : start + h * w] = grad_table[:, b:-b, b:-b].reshape(batch, h * w, heads, dim)
             if need_pos or need_weight:
                 d_weight, d_fx, d_fy = _point_grads(tables[level], grad_out, corners)
                 if need_weight:
