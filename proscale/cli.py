@@ -39,6 +39,9 @@ def apply_extras(cfg: DictConfig) -> None:
 def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
+        from proscale.utils.cpu_memory import retain_freed_memory
+
+        retain_freed_memory()  # large CPU activations reuse warm memory (see proscale/utils/cpu_memory.py)
         apply_extras(cfg)
         metrics, _ = task(cfg)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).

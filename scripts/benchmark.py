@@ -522,9 +522,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--clock cpu is meaningful only with --device cpu --threads 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from proscale.utils.cpu_memory import ENV_VAR, retain_freed_memory
+
+    # as the training / evaluation entry points do; PROSCALE_RETAIN_FREED_MEMORY=0 measures without it
+    retained = retain_freed_memory()
     bench = Bench(args.device, args.quick, args.clock)
     info = machine_info(args.device)
     info["clock"] = args.clock
+    info["cpu_memory_reuse"] = f"{retained} (proscale/utils/cpu_memory.py, {ENV_VAR})"
     sections = {"op": bench_op, "pixdec": bench_pixdec_vs_hf, "models": bench_models, "train": bench_train_step}
     for name in args.sections.split(","):
         if name not in sections:

@@ -104,6 +104,6 @@ def test_ablation_preset_sweeps_schedules_and_lpe(tmp_path):
     expected = {"m2f": None, "p111": [1, 1, 1], "p222": [2, 2, 2], "p333": [3, 3, 3]}
     for variant, schedule in expected.items():
         job = compose_config("train", ["experiment=cpu_ablation", f"variant={variant}"], output_dir=tmp_path)
-        assert job.model.conv_dim == 64 and job.model.backbone.model_name == "resnet18"
+        assert job.model.conv_dim == 64 and job.model.backbone.model_name == "regnetx_002"
         assert OmegaConf.select(job, "model.encoder.schedule") == schedule
         assert job.model.encoder._target_.endswith("M2FEncoder" if schedule is None else "ProScaleEncoder")
