@@ -67,6 +67,18 @@ def test_param_groups_follow_the_recipe():
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 1e-4
     with pytest.raises(ValueError, match="lr must be > 0"):
         build_adamw(model, lr=-1.0)
+    # fused (one kernel) by default on CPU, and the same update as the per-parameter loop
+    assert optimizer.defaults["fused"] is True and build_adamw(model, fused=False).defaults["fused"] is None
+    twins = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    twins[1].load_state_dict(twins[0].state_dict())
+    for twin, fused in zip(twins, (True, False)):
+        opt = build_adamw(twin, lr=1e-2, fused=fused)
+        for step in range(3):
+            twin.weight.grad = torch.full_like(twin.weight, 0.1 * (step + 1))
+            twin.bias.grad = torch.full_like(twin.bias, -0.2)
+            opt.step()
+    torch.testing.assert_close(twins[0].weight, twins[1].weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(twins[0].bias, twins[1].bias, atol=1e-6, rtol=0)
 
 
 def test_schedules_warmup_multistep_poly():
