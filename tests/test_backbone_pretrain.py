@@ -83,3 +83,19 @@ def test_train_uses_the_pretrained_backbone_and_reports_it(tmp_path):
     assert path.is_file() and info["steps"] == 2
     assert objects["cfg"].model.backbone.pretrained == str(path)
     assert json.loads(path.with_suffix(".json").read_text())["steps"] == 2
+
+
+def test_class_balanced_loss_is_the_mean_of_per_class_means():
+    from proscale.lightning.backbone_pretrain import BackbonePretrainModule
+
+    module = BackbonePretrainModule(TimmBackbone("resnet10t"), 3, 1e-3, 0.0, 10, class_balanced=True)
+    logits = torch.randn(1, 3, 2, 4)
+    labels = torch.tensor([[[0, 0, 0, 0], [0, 0, 2, IGNORE_INDEX]]])  # 6 pixels of class 0, 1 of class 2
+    per_pixel = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    expected = (per_pixel[labels == 0].mean() + per_pixel[labels == 2].mean()) / 2
+    torch.testing.assert_close(module.pixel_loss(logits, labels), expected)
+    module.class_balanced = False
+    torch.testing.assert_close(module.pixel_loss(logits, labels), per_pixel[labels != IGNORE_INDEX].mean())
+    all_ignored = torch.full_like(labels, IGNORE_INDEX)
+    module.class_balanced = True
+    assert module.pixel_loss(logits, all_ignored).item() == 0.0

@@ -62,12 +62,39 @@ class BackbonePretrainModule(L.LightningModule):
         total_steps: optimizer steps of the schedule.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, lr: float, weight_decay: float, total_steps: int):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        class_balanced: bool = False,
+    ):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict({name: nn.Conv2d(c, num_classes, 1) for name, c in backbone.out_channels.items()})
+        self.num_classes = num_classes
         self.lr, self.weight_decay, self.total_steps = lr, weight_decay, total_steps
+        self.class_balanced = class_balanced
         self.pixel_accuracy = float("nan")
+
+    def pixel_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of (B, K, h, w) logits against (B, h, w) labels: the mean over labelled pixels, or with
+        ``class_balanced`` the mean over the classes present of each class's mean (a class covering 2 % of the
+        pixels, e.g. a small shape, then counts as much as a background texture covering 60 %)."""
+        if not self.class_balanced:
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+        flat = labels.flatten()
+        valid = flat != IGNORE_INDEX
+        if not valid.any():
+            return logits.sum() * 0.0
+        per_pixel, flat = per_pixel[valid], flat[valid]
+        sums = per_pixel.new_zeros(self.num_classes).index_add(0, flat, per_pixel)
+        counts = torch.bincount(flat, minlength=self.num_classes)
+        present = counts > 0
+        return (sums[present] / counts[present]).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["images"]
@@ -77,7 +104,7 @@ class BackbonePretrainModule(L.LightningModule):
         for name, feature in features.items():
             logits = self.heads[name](feature)
             level_labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-            loss = loss + F.cross_entropy(logits, level_labels, ignore_index=IGNORE_INDEX)
+            loss = loss + self.pixel_loss(logits, level_labels)
             if name == "res3":  # stride 8: the finest level the transformer decoder attends to
                 valid = level_labels != IGNORE_INDEX
                 correct = ((logits.detach().argmax(1) == level_labels) & valid).sum()
@@ -88,7 +115,9 @@ class BackbonePretrainModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = list(self.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None  # one kernel (see lightning/optim.py)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.lr, total_steps=max(self.total_steps, 2), pct_start=0.05
         )
@@ -123,7 +152,7 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Return ``(checkpoint path, info)`` of the backbone pre-trained as ``cfg.pretrain`` says; trains it
     (in this process, on ``cfg.trainer.accelerator``) unless the cache already holds it.
 
-    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``cache_dir``.
+    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``class_balanced``, ``cache_dir``.
     """
     settings = cfg.pretrain
     steps = int(settings.steps)
@@ -152,7 +181,14 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     backbone_cfg = OmegaConf.to_container(cfg.model.backbone, resolve=True)
     backbone_cfg["pretrained"] = None
     backbone = hydra.utils.instantiate(backbone_cfg)
-    module = BackbonePretrainModule(backbone, num_classes, float(settings.lr), float(settings.weight_decay), steps)
+    module = BackbonePretrainModule(
+        backbone,
+        num_classes,
+        float(settings.lr),
+        float(settings.weight_decay),
+        steps,
+        class_balanced=bool(settings.get("class_balanced", False)),
+    )
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
         devices=1,
@@ -173,6 +209,7 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "backbone": backbone_cfg,
         "steps": steps,
         "lr": float(settings.lr),
+        "class_balanced": module.class_balanced,
         "pixel_accuracy": module.pixel_accuracy,
         "wall_time_s": time.perf_counter() - start,
     }
