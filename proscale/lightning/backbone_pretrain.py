@@ -112,6 +112,12 @@ class BackbonePretrainModule(L.LightningModule):
                 self.log("pretrain/pixel_acc", accuracy, prog_bar=True, batch_size=images.shape[0])
                 self.pixel_accuracy = float(accuracy)
         self.log("pretrain/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        step = self.global_step + 1
+        if step % max(1, self.total_steps // 10) == 0 or step == self.total_steps:  # for logs without a live bar
+            log.info(
+                f"backbone pre-training: step {step}/{self.total_steps}, loss {loss.item():.3f}, "
+                f"res3 pixel accuracy {self.pixel_accuracy:.3f}"
+            )
         return loss
 
     def configure_optimizers(self) -> Any:
