@@ -325,11 +325,11 @@ def bench_train_step(bench: Bench) -> None:
         cfg = compose(config_name="train", overrides=["experiment=cpu_synthetic"])
     size = tuple(cfg.callbacks.compute_stats.image_size)
     batch = int(cfg.data.batch_size)
-    num_classes = 9  # the synthetic dataset's 6 thing + 3 stuff classes
+    num_classes = 10  # the synthetic dataset's 6 thing + 4 stuff classes
     torch.manual_seed(0)
     model = instantiate(cfg.model, num_classes=num_classes).to(bench.device).train()
     criterion = SetCriterion(num_classes, num_points=int(cfg.module.criterion.num_points)).to(bench.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.module.optimizer.lr), weight_decay=0.05)
+    optimizer = instantiate(cfg.module.optimizer)(model)  # the run's AdamW (param groups, fused)
     gen = torch.Generator().manual_seed(3)
     images = torch.randn(batch, 3, *size, generator=gen).to(bench.device)
     targets = []
@@ -350,7 +350,8 @@ def bench_train_step(bench: Bench) -> None:
 
     timing = time_fn(step, warmup=2, repeats=bench.repeats, device=bench.device, batch_size=batch, clock=bench.clock)
     bench.values["train_step"] = {
-        "preset": "conf/experiment/cpu_synthetic.yaml (PRO-SCALE (3,3,3) + LPE, resnet18, d=64)",
+        "preset": "conf/experiment/cpu_synthetic.yaml (PRO-SCALE (3,3,3) + LPE, "
+        f"{cfg.model.backbone.model_name}, d={cfg.model.conv_dim})",
         "batch_size": batch,
         "image_size": list(size),
         "step_ms": timing.median_ms,
