@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from proscale.lightning.optim import fused_adamw_supported
 from proscale.utils.io import atomic_torch_save, atomic_write_json
 from proscale.utils.logging_utils import get_logger
 
@@ -122,7 +123,7 @@ class BackbonePretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = list(self.parameters())
-        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None  # one kernel (see lightning/optim.py)
+        fused = fused_adamw_supported(params) or None
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.lr, total_steps=max(self.total_steps, 2), pct_start=0.05

@@ -79,6 +79,11 @@ def param_groups(
     return list(groups.values())
 
 
+def fused_adamw_supported(params: Sequence[nn.Parameter]) -> bool:
+    """Whether torch's fused (single-kernel) AdamW can take ``params``: floating-point CPU or CUDA tensors."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_adamw(
     model: nn.Module,
     lr: float = 1e-4,
@@ -99,8 +104,7 @@ def build_adamw(
         raise ValueError(f"optimizer lr must be > 0, got {lr}")
     groups = param_groups(model, lr, weight_decay, backbone_lr_multiplier, norm_weight_decay, embedding_weight_decay)
     if fused is None:
-        params = [p for group in groups for p in group["params"]]
-        fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        fused = fused_adamw_supported([p for group in groups for p in group["params"]])
     return AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused or None)
 
 

@@ -78,8 +78,6 @@ class TokenRecalibration(nn.Module):
             # 2 x batch 1 (DDP) could not match bitwise (tests/test_ddp.py). Free for B > 1: Linear copied anyway.
             features = resized.flatten(2).transpose(1, 2).contiguous()
         scaled = self.temperature * self.linear(features)  # (B, N, 1)
-        if batch == 1:
-            return torch.sigmoid(scaled)
         # One sigmoid per image: torch's vectorised loop computes whole SIMD chunks with a vector exp and the
         # remainder with the scalar one (1 ulp apart), so on a tensor this small an element's value would depend
         # on where the batch puts it relative to the chunks (seen on an AMD EPYC host with N = 16 tokens).

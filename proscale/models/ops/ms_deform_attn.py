@@ -247,4 +247,3 @@ def _small_softmax_(logits: Tensor) -> Tensor:
     """
     logits.sub_(logits.amax(-1, keepdim=True)).exp_()
     return logits.div_(logits.sum(-1, keepdim=True))
-

@@ -122,12 +122,22 @@ class _LevelCorners:
         self.corner_offsets = (0, heads, padded_width * heads, (padded_width + 1) * heads)
         self.num_rows = rows_total
 
-    def corner_weights(self) -> list[Tensor]:
-        """Weights of the corners (top-left, top-right, bottom-left, bottom-right), attention included."""
+    def corner_weights(self, out: Tensor | None = None) -> list[Tensor]:
+        """Weights of the corners (top-left, top-right, bottom-left, bottom-right), attention included.
+
+        ``out``: optional (B*Q*M, 4, P) buffer; corner c is then written straight into ``out[:, c]``.
+        """
         wy0 = (1 - self.fy) * self.weight
         wy1 = self.fy * self.weight
         wx0 = 1 - self.fx
-        return [wy0 * wx0, wy0 * self.fx, wy1 * wx0, wy1 * self.fx]
+        factors = [(wy0, wx0), (wy0, self.fx), (wy1, wx0), (wy1, self.fx)]
+        if out is None:
+            return [wy * wx for wy, wx in factors]
+        points = self.fx.shape[-1]
+        return [
+            torch.mul(wy.reshape(-1, points), wx.reshape(-1, points), out=out[:, corner])
+            for corner, (wy, wx) in enumerate(factors)
+        ]
 
 
 def _gather_level(table: Tensor, corners: _LevelCorners) -> Tensor:
@@ -144,8 +154,7 @@ def _gather_level(table: Tensor, corners: _LevelCorners) -> Tensor:
     for corner, offset in enumerate(corners.corner_offsets):
         torch.add(top_left, offset, out=indices[:, corner])
     weights = corners.fx.new_empty(bags, 4, points)
-    for corner, weight in enumerate(corners.corner_weights()):
-        weights[:, corner] = weight.reshape(bags, points)
+    corners.corner_weights(out=weights)
     return F.embedding_bag(
         indices.view(bags, 4 * points), table, per_sample_weights=weights.view(bags, 4 * points), mode="sum"
     )
