@@ -223,10 +223,10 @@ def test_missing_dataset_folder_names_the_expected_layout(tmp_path):
 
 
 def test_missing_json_names_the_file(tmp_path):
-    with pytest.raises(ValueError, match=r"nothing\.json: annotation JSON file is missing"):
+    with pytest.raises(ValueError, match=r"annotation JSON .*nothing\.json does not exist"):
         CocoPanopticDataset(tmp_path, tmp_path, tmp_path / "nothing.json")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"broken\.json: cannot parse annotation JSON"):
+    with pytest.raises(ValueError, match=r"annotation JSON .*broken\.json is not valid JSON"):
         CocoPanopticDataset(tmp_path, tmp_path, tmp_path / "broken.json")
 
 

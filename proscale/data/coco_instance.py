@@ -29,12 +29,13 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from proscale.data.categories import meta_from_categories
-from proscale.data.common import check_size, load_json, make_item, resolve_meta
+from proscale.data.common import ANNOTATION_JSON, check_size, make_item, resolve_meta
 from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, lsj_recipe
 from proscale.data.image_io import read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import Sample
 from proscale.structures import DatasetMeta
+from proscale.utils.io import read_json
 
 
 class CocoInstanceDataset(Dataset):
@@ -61,7 +62,7 @@ class CocoInstanceDataset(Dataset):
         self.image_dir, self.json_path = Path(image_dir), Path(instance_json)
         self.transform, self.with_gt = transform, with_gt
         self.issues = IssueLog(str(self.json_path))
-        data = load_json(self.json_path)
+        data = read_json(self.json_path, ANNOTATION_JSON)
         self.meta = meta if meta is not None else meta_from_categories(data.get("categories", []), str(self.json_path))
         self._category_to_contiguous = {cid: i for i, cid in enumerate(self.meta.category_ids)}
         self.coco = COCO()

@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import Dataset
 
 from proscale.data.categories import meta_from_categories
-from proscale.data.common import check_size, load_json, make_item, resolve_meta
+from proscale.data.common import ANNOTATION_JSON, check_size, make_item, resolve_meta
 from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, lsj_recipe
 from proscale.data.image_io import read_panoptic_png, read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import Sample
 from proscale.structures import DatasetMeta
+from proscale.utils.io import read_json
 
 
 def image_path_same_name(image_dir: Path, image: dict, annotation: dict | None) -> Path:
@@ -80,7 +81,7 @@ class CocoPanopticDataset(Dataset):
         self.image_path = IMAGE_PATH_RULES[image_path_rule]
         self.transform, self.with_gt = transform, with_gt
         self.issues = IssueLog(str(self.json_path))
-        data = load_json(self.json_path)
+        data = read_json(self.json_path, ANNOTATION_JSON)
         self.meta = meta if meta is not None else meta_from_categories(data.get("categories", []), str(self.json_path))
         self._category_to_contiguous = {cid: i for i, cid in enumerate(self.meta.category_ids)}
         self.records = self._build_records(data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,10 @@ import torch
 from proscale.data.categories import builtin_meta, meta_from_categories
 from proscale.data.transforms import Sample
 from proscale.structures import DatasetMeta
+from proscale.utils.io import read_json
+
+# how data loaders name an annotation file in their errors
+ANNOTATION_JSON = "annotation JSON"
 
 
 def check_size(path: Path | str, actual: tuple[int, int], expected: tuple[int, int], what: str) -> None:
@@ -63,17 +66,6 @@ def require_paths(paths: dict[str, Path], dataset: str, layout: str) -> None:
         )
 
 
-def load_json(path: Path) -> dict:
-    """Read an annotation JSON; a missing or unparsable file is a ValueError naming it."""
-    if not path.is_file():
-        raise ValueError(f"{path}: annotation JSON file is missing")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot parse annotation JSON: {error}") from error
-
-
 def resolve_meta(meta: DatasetMeta | str, json_path: Path, what: str, dataset: str, layout: str) -> DatasetMeta:
     """A datamodule's ``meta`` argument -> DatasetMeta: a DatasetMeta as is, ``"json"`` = the categories of
     ``json_path`` (custom COCO-format data), any other string = a built-in class table (``builtin_meta``)."""
@@ -82,4 +74,4 @@ def resolve_meta(meta: DatasetMeta | str, json_path: Path, what: str, dataset: s
     if meta != "json":
         return builtin_meta(meta)
     require_paths({f"{what} (for the categories)": json_path}, dataset, layout)
-    return meta_from_categories(load_json(json_path).get("categories", []), str(json_path))
+    return meta_from_categories(read_json(json_path, ANNOTATION_JSON).get("categories", []), str(json_path))

@@ -12,7 +12,6 @@ but not in its JSON or the reverse, results for unknown images or with malformed
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,17 +25,7 @@ from proscale.metrics.coco_ap import coco_mask_ap
 from proscale.metrics.export import rgb2id
 from proscale.metrics.pq_stats import IdIndexer, PQStats, SegmentsTable, pq_image_stats, summarize_pq
 from proscale.metrics.rle import encode_masks
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} does not exist")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+from proscale.utils.io import read_json
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:
@@ -116,8 +105,8 @@ def evaluate_panoptic_files(
     for folder, what in ((gt_dir, "GT PNG folder"), (pred_dir, "prediction PNG folder")):
         if not folder.is_dir():
             raise ValueError(f"{what} {folder} does not exist")
-    gt = load_json(gt_json, "GT file")
-    pred = load_json(pred_json, "prediction file")
+    gt = read_json(gt_json, "GT file")
+    pred = read_json(pred_json, "prediction file")
     cats = _Categories(gt, gt_json)
     pred_anns = pred.get("annotations") if isinstance(pred, dict) else pred
     if not isinstance(pred_anns, list):
@@ -217,8 +206,8 @@ def evaluate_instance_files(
     """Mask AP of COCO results against a COCO instance GT, or against the thing segments of a panoptic GT
     (then ``gt_dir`` holds its PNGs). Returns ``(metrics, per_class)`` as ``coco_mask_ap``."""
     gt_json, pred_json = Path(gt_json), Path(pred_json)
-    gt = load_json(gt_json, "GT file")
-    results = load_json(pred_json, "prediction file")
+    gt = read_json(gt_json, "GT file")
+    results = read_json(pred_json, "prediction file")
     if not isinstance(gt, dict) or not isinstance(gt.get("images"), list):
         raise ValueError(f"GT file {gt_json} has no 'images' list")
     cats = _Categories(gt, gt_json)
