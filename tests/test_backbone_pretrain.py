@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proscale.lightning.backbone_pretrain import IGNORE_INDEX, pretrain_backbone, semantic_map
+from proscale.lightning.backbone_pretrain import IGNORE_INDEX, BackbonePretrainModule, pretrain_backbone, semantic_map
 from proscale.models.backbones import TimmBackbone
 from proscale.train import train
 from proscale.utils.hydra_utils import compose_config
@@ -50,6 +50,7 @@ def test_pretrain_writes_a_loadable_cached_checkpoint(tmp_path):
     assert path.is_file() and path.with_suffix(".json").is_file()
     assert info["cached"] is False and info["steps"] == 3 and 0.0 <= info["pixel_accuracy"] <= 1.0
     state = torch.load(path, map_location="cpu")
+    assert all(value.is_contiguous() for value in state.values())  # trained channels-last, saved in the usual layout
     fresh = TimmBackbone("resnet10t")
     assert not torch.equal(fresh.body.state_dict()["conv1.0.weight"], state["conv1.0.weight"])  # it trained
     loaded = TimmBackbone("resnet10t", pretrained=str(path))
@@ -62,6 +63,19 @@ def test_pretrain_writes_a_loadable_cached_checkpoint(tmp_path):
     assert again == path and info2["cached"] is True and path.stat().st_mtime_ns == mtime
     other, _ = pretrain_backbone(_cfg(tmp_path, "pretrain.steps=2"))
     assert other != path and other.is_file()
+
+
+def test_channels_last_training_step_matches_the_default_layout():
+    torch.manual_seed(0)
+    module = BackbonePretrainModule(TimmBackbone("resnet10t"), 4, lr=1e-3, weight_decay=0.0, total_steps=1)
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, :32], masks[1, 32:], masks[2, 10:20, 10:20] = True, True, True
+    batch = {"images": torch.randn(2, 3, 64, 64), "targets": [{"labels": torch.tensor([0, 1, 3]), "masks": masks}] * 2}
+    reference = module.training_step(batch, 0)
+    module.on_fit_start()  # the layout change pre-training runs under
+    assert module.backbone.body.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(module.training_step(batch, 0), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_pretrain_refuses_to_train_in_one_of_several_distributed_processes(tmp_path, monkeypatch):

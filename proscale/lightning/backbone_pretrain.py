@@ -6,7 +6,8 @@ pretrained checkpoint can be had (no network here), ``pretrain=semantic`` first 
 the *training split* of the configured dataset as per-pixel classification: a 1x1 classifier on each of the
 four feature levels (res2..res5), cross-entropy against the semantic map of the panoptic targets (ignored
 where no segment is), summed over levels. The backbone weights are then saved and loaded through the normal
-``model.backbone.pretrained=<file>`` path, so the Mask2Former training that follows is unchanged.
+``model.backbone.pretrained=<file>`` path, so the Mask2Former training that follows is unchanged. The
+pre-training runs channels-last (faster convolutions on CPU and GPU); the saved weights are contiguous.
 
 The checkpoint is cached under ``pretrain.cache_dir``, named by a hash of everything that determines it
 (backbone, data, this config, seed): a second run with the same settings reuses it. It is written atomically
@@ -97,8 +98,12 @@ class BackbonePretrainModule(L.LightningModule):
         present = counts > 0
         return (sums[present] / counts[present]).mean()
 
+    def on_fit_start(self) -> None:
+        # channels-last convolutions: ~20 % faster backbone steps on CPU (oneDNN), the layout cuDNN prefers
+        self.to(memory_format=torch.channels_last)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images = batch["images"]
+        images = batch["images"].contiguous(memory_format=torch.channels_last)
         labels = semantic_map(batch["targets"], tuple(images.shape[-2:])).to(images.device)
         features = self.backbone(images)
         loss = images.new_zeros(())
@@ -220,7 +225,7 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         "pixel_accuracy": module.pixel_accuracy,
         "wall_time_s": time.perf_counter() - start,
     }
-    state = {k: v.detach().cpu() for k, v in backbone.body.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.body.state_dict().items()}  # standard layout
     atomic_torch_save(state, path)
     atomic_write_json(sidecar, info)
     log.info(
