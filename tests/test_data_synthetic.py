@@ -166,3 +166,31 @@ def test_datamodule_generates_on_first_use(tmp_path):
     # targets cover exactly the labelled pixels (synthetic data has no void)
     assert torch.equal(val["targets"][0]["masks"].sum(0)[:64, :64], torch.ones(64, 64, dtype=torch.long))
     assert math.isclose(len(dm.gt_files("val")), 4)
+
+
+def test_cache_decoded_gives_the_same_items_without_rereading_files(tmp_path):
+    from proscale.data import SyntheticDataModule
+
+    def validation_set(cache: bool):
+        dm = SyntheticDataModule(
+            root=tmp_path / "syn", num_train=2, num_val=3, height=64, width=64, num_workers=0, cache_decoded=cache
+        )
+        dm.prepare_data()
+        dm.setup("validate")
+        return dm.datasets["val"]
+
+    plain, cached = validation_set(False), validation_set(True)
+    expected = [plain[i] for i in range(3)]
+    first = [cached[i] for i in range(3)]
+    first[0]["image"].zero_()  # consumers writing into an item must not reach the cache
+    first[0]["gt"]["panoptic"].zero_()
+    for folder in ("val", "panoptic_val"):  # from now on only the cache can answer
+        for path in (tmp_path / "syn" / folder).iterdir():
+            path.unlink()
+    with pytest.raises(ValueError, match="000001.jpg: image file is missing"):
+        plain[0]
+    for i in range(3):
+        item = cached[i]
+        assert torch.equal(item["image"], expected[i]["image"]) and torch.equal(item["masks"], expected[i]["masks"])
+        assert torch.equal(item["labels"], expected[i]["labels"])
+        assert torch.equal(item["gt"]["panoptic"], expected[i]["gt"]["panoptic"])
