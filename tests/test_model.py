@@ -13,6 +13,7 @@ from torch import nn
 
 from proscale.models import BACKBONES, Mask2Former, build_backbone
 from proscale.models.encoders import M2FEncoder
+from proscale.models.pixel_decoder import LightPixelEmbedding
 
 BACKBONE_KWARGS = {"timm": {"model_name": "convnext_atto"}, "swin_t": {"drop_path_rate": 0.0}}
 QUERIES, CLASSES, DIM = 6, 4, 64
@@ -118,6 +119,21 @@ def test_lpe_replaces_the_stride4_conv_by_a_max_pool():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out["pred_masks"].shape == (1, QUERIES, 16, 16) and torch.isfinite(out["pred_masks"]).all()
+
+
+def test_lpe_pool_equals_max_pool2d_in_values_and_gradients():
+    # the CPU channels-last detour must not change anything: ties included (max_pool2d sends the gradient
+    # of a tied window to one element), output contiguous like max_pool2d's
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 11)
+    x[0, 0, :4, :4] = 1.0
+    x[1, 3] = 0.0
+    grad = torch.randn(2, 8, 9, 11)
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = LightPixelEmbedding()(ours_in), F.max_pool2d(ref_in, 3, 1, 1)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert ours.is_contiguous() and torch.equal(ours, ref) and torch.equal(ours_in.grad, ref_in.grad)
 
 
 def test_original_initialisation():

@@ -42,6 +42,23 @@ class PixelDecoderOutput:
     multi_scale_features: list[Tensor]
 
 
+class LightPixelEmbedding(nn.MaxPool2d):
+    """PRO-SCALE's LPE smoothing: ``MaxPool2d(3, stride=1, padding=1)``, same values and gradients.
+
+    On CPU, PyTorch's max-pool kernel is pathologically slow for a contiguous (NCHW) map at stride 1 (an
+    (8, 64, 32, 40) map: ~28 ms vs ~2.5 ms channels-last, 1 thread), so there the pool runs on a channels-last
+    copy and the result is returned contiguous.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def c2_xavier_fill(conv: nn.Conv2d) -> None:
     """Caffe2's "XavierFill" as detectron2 uses it: kaiming-uniform with a=1, zero bias."""
     nn.init.kaiming_uniform_(conv.weight, a=1)
@@ -90,7 +107,7 @@ class PixelDecoder(nn.Module):
             nn.Conv2d(in_channels["res2"], conv_dim, kernel_size=1, bias=False), nn.GroupNorm(32, conv_dim)
         )
         if lpe:
-            smoothing: nn.Module = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+            smoothing: nn.Module = LightPixelEmbedding()
         else:
             smoothing = nn.Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=False)
         self.layer_1 = nn.Sequential(smoothing, nn.GroupNorm(32, conv_dim), nn.ReLU())
@@ -191,4 +208,4 @@ def _is_plain_conv1x1(conv: nn.Module) -> bool:
     )
 
 
-__all__ = ["PixelDecoder", "PixelDecoderOutput", "c2_xavier_fill"]
+__all__ = ["LightPixelEmbedding", "PixelDecoder", "PixelDecoderOutput", "c2_xavier_fill"]

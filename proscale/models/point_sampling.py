@@ -53,7 +53,8 @@ def sample_uncertain_points(
     candidates = torch.rand(num_masks, num_candidates, 2, device=mask_logits.device)
     uncertainty = logit_uncertainty(point_sample(mask_logits, candidates))[:, 0]  # (N, num_candidates)
     num_uncertain = int(importance_sample_ratio * num_points)
-    most_uncertain = uncertainty.topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
+    # unsorted: the same set of points (their order does not matter to the losses), ~2x faster on CPU
+    most_uncertain = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # (N, num_uncertain)
     chosen = candidates.gather(1, most_uncertain.unsqueeze(-1).expand(-1, -1, 2))
     num_random = num_points - num_uncertain
     if num_random > 0:
