@@ -265,3 +265,40 @@ def test_predict_writes_overlays_and_coco_json(trained_run, data_dir, tmp_path):
         ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         assert ids.shape == (60, 80)
         assert {s["id"] for s in annotation["segments_info"]} <= set(np.unique(ids).tolist())
+
+
+def test_progress_log_writes_plain_lines_only_without_a_terminal(monkeypatch):
+    from types import SimpleNamespace
+
+    from proscale.lightning import callbacks
+
+    lines: list[str] = []
+    monkeypatch.setattr(callbacks.log, "info", lines.append)
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        max_steps=10,
+        global_step=0,
+        current_epoch=0,
+        sanity_checking=False,
+        callback_metrics={"val/PQ": torch.tensor(12.5), "val/AP": torch.tensor(3.0)},
+    )
+
+    def run(tty: bool) -> None:
+        monkeypatch.setattr(callbacks.sys.stdout, "isatty", lambda: tty)
+        progress = callbacks.ProgressLog(every_n_steps=5)
+        trainer.global_step = 0
+        progress.on_train_start(trainer, None)
+        for step in (1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10):  # step 5 twice: accumulated batches share a step
+            trainer.global_step = step
+            progress.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.5)}, None, 0)
+        progress.on_validation_end(trainer, None)
+
+    run(tty=True)
+    assert lines == []  # the rich bar shows it in a terminal
+    run(tty=False)
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("train: step 5/10 (50 %), epoch 0, loss 1.500, ") and "ETA" in lines[0]
+    assert lines[1].startswith("train: step 10/10 (100 %)")
+    assert lines[2] == "validation at step 10: val/PQ 12.50, val/AP 3.00"
+    with pytest.raises(ValueError, match="every_n_steps"):
+        callbacks.ProgressLog(every_n_steps=0)

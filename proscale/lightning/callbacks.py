@@ -5,6 +5,8 @@
   computed once per run and logged as ``compute/*``.
 - :class:`EpochSeeding`: reseeds every random generator at each epoch start from ``(seed, epoch)`` so a run
   resumed from an end-of-epoch checkpoint replays exactly what an uninterrupted run does.
+- :class:`ProgressLog`: plain log lines of the training progress (step, loss, speed, ETA) and of each validation,
+  for logs that are not a terminal (SLURM output files, ``| tee``), where the rich progress bar shows nothing.
 - :class:`WandbExtras`: W&B run summary (config, GFLOPs, params), validation overlays, per-class PQ table,
   and the run id stored in checkpoints so a resumed training continues the same W&B run.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -145,6 +148,83 @@ class EpochSeeding(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning builds the data iterator of the resumed epoch before on_train_epoch_start fires.
         seed_all(self._epoch_seed(int(checkpoint.get("epoch", 0)) + 1))
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressLog(Callback):
+    """Log a line every ``every_n_steps`` optimizer steps (default: every ``fraction`` of the run) with the step,
+    epoch, training loss, speed and remaining time, and one line per validation with its main metrics.
+
+    Args:
+        every_n_steps: interval in steps; ``None`` = ``fraction`` x the run's total steps (at least 1).
+        fraction: see ``every_n_steps``.
+        only_without_tty: stay quiet when stdout is a terminal (the rich progress bar shows the same there).
+        metrics: validation metrics to report, when logged.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        fraction: float = 0.05,
+        only_without_tty: bool = True,
+        metrics: tuple[str, ...] = ("val/PQ", "val/AP", "val/mIoU"),
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"ProgressLog: every_n_steps must be >= 1 or null, got {every_n_steps}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"ProgressLog: fraction must be in (0, 1], got {fraction}")
+        self.every_n_steps, self.fraction = every_n_steps, fraction
+        self.only_without_tty, self.metrics = only_without_tty, tuple(metrics)
+        self.active = False
+        self.interval = self.total = self.first_step = self.last_logged = 0
+        self.started = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.active = trainer.is_global_zero and not (self.only_without_tty and sys.stdout.isatty())
+        self.total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
+        if not self.total:
+            try:
+                self.total = int(trainer.estimated_stepping_batches)
+            except Exception:  # an iterable dataset without a length: report steps without a total
+                self.total = 0
+        if self.every_n_steps:
+            self.interval = self.every_n_steps
+        else:  # without a known total: every 50 steps
+            self.interval = max(1, round(self.total * self.fraction)) if self.total else 50
+        self.first_step = self.last_logged = trainer.global_step
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        due = step % self.interval == 0 or step == self.total
+        if not self.active or step == self.last_logged or not due:  # (accumulated batches share a step)
+            return
+        self.last_logged = step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss_text = f", loss {float(loss):.3f}" if isinstance(loss, torch.Tensor) else ""
+        elapsed = time.perf_counter() - self.started
+        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        total = f"/{self.total} ({100 * step / self.total:.0f} %)" if self.total else ""
+        remaining = f", ETA {_format_duration((self.total - step) / rate)}" if self.total and rate > 0 else ""
+        log.info(
+            f"train: step {step}{total}, epoch {trainer.current_epoch}{loss_text}, {rate:.2f} steps/s, "
+            f"elapsed {_format_duration(elapsed)}{remaining}"
+        )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active or trainer.sanity_checking:
+            return
+        values = {k: trainer.callback_metrics[k] for k in self.metrics if k in trainer.callback_metrics}
+        if values:
+            text = ", ".join(f"{k} {float(v):.2f}" for k, v in values.items())
+            log.info(f"validation at step {trainer.global_step}: {text}")
 
 
 def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
