@@ -276,7 +276,7 @@ def test_progress_log_writes_plain_lines_only_without_a_terminal(monkeypatch):
     monkeypatch.setattr(callbacks.log, "info", lines.append)
     trainer = SimpleNamespace(
         is_global_zero=True,
-        max_steps=10,
+        estimated_stepping_batches=10,
         global_step=0,
         current_epoch=0,
         sanity_checking=False,

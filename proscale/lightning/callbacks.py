@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import sys
@@ -186,12 +187,11 @@ class ProgressLog(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.active = trainer.is_global_zero and not (self.only_without_tty and sys.stdout.isatty())
-        self.total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
-        if not self.total:
-            try:
-                self.total = int(trainer.estimated_stepping_batches)
-            except Exception:  # an iterable dataset without a length: report steps without a total
-                self.total = 0
+        try:  # max_steps, or fewer where max_epochs ends the run first; inf when neither bounds it
+            estimate = float(trainer.estimated_stepping_batches)
+        except Exception:  # e.g. an iterable dataset without a length: report steps without a total
+            estimate = 0.0
+        self.total = int(estimate) if math.isfinite(estimate) and estimate > 0 else 0
         if self.every_n_steps:
             self.interval = self.every_n_steps
         else:  # without a known total: every 50 steps
