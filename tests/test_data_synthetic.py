@@ -114,6 +114,19 @@ def test_files_are_valid_coco_panoptic_and_instance(tmp_path):
     assert sum(panoptic.issues.counts.values()) == 0
 
 
+def test_val_split_does_not_depend_on_num_train(tmp_path):
+    """The presets train on more images than the default of earlier versions; the val split they are scored on
+    must stay the same images (image i of a split is drawn from its own seed)."""
+    few = ensure_synthetic(tmp_path / "few", SyntheticConfig(num_train=2, num_val=3, height=64, width=96, seed=3))
+    many = ensure_synthetic(tmp_path / "many", SyntheticConfig(num_train=5, num_val=3, height=64, width=96, seed=3))
+    val_files = sorted(p.relative_to(few) for p in few.rglob("*") if p.is_file() and "val" in str(p.relative_to(few)))
+    assert len(val_files) == 3 + 3 + 2  # images, panoptic PNGs, two annotation files
+    for rel in val_files:
+        assert (few / rel).read_bytes() == (many / rel).read_bytes(), rel
+    train_first = sorted((few / "train").iterdir())[0].name
+    assert (few / "train" / train_first).read_bytes() == (many / "train" / train_first).read_bytes()
+
+
 def test_reuse_regenerate_and_refuse(tmp_path):
     root = ensure_synthetic(tmp_path / "s", SMALL)
     stamp = (root / "synthetic.json").stat().st_mtime_ns

@@ -75,7 +75,7 @@ def synthetic_meta() -> DatasetMeta:
 class SyntheticConfig:
     """Generator parameters (all stored in ``synthetic.json``; any change regenerates)."""
 
-    num_train: int = 300
+    num_train: int = 4560
     num_val: int = 60
     height: int = 128
     width: int = 160
@@ -366,7 +366,7 @@ def _params(cfg: SyntheticConfig) -> dict:
 
 def default_workers(cfg: SyntheticConfig) -> int:
     """Processes for generation: one unless the dataset is large (spawning workers costs seconds and, on a busy
-    2-core machine, measured slower than one process for the default 360 images)."""
+    2-core machine, measured slower than one process for 360 images)."""
     if cfg.num_train + cfg.num_val < 2000:
         return 1
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))

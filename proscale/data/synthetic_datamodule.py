@@ -41,7 +41,7 @@ class SyntheticDataModule(PanopticDataModule):
     def __init__(
         self,
         root: str | Path = "data/synthetic",
-        num_train: int = 300,
+        num_train: int = 4560,
         num_val: int = 60,
         height: int = 128,
         width: int = 160,
