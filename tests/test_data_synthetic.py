@@ -207,3 +207,4 @@ def test_cache_decoded_gives_the_same_items_without_rereading_files(tmp_path):
         assert torch.equal(item["image"], expected[i]["image"]) and torch.equal(item["masks"], expected[i]["masks"])
         assert torch.equal(item["labels"], expected[i]["labels"])
         assert torch.equal(item["gt"]["panoptic"], expected[i]["gt"]["panoptic"])
+        assert item["gt"]["panoptic"].dtype == expected[i]["gt"]["panoptic"].dtype == torch.int64  # cache holds int32

@@ -154,9 +154,11 @@ class CocoPanopticDataset(Dataset):
         if self._decoded is None:
             return self._decode(index)
         if index not in self._decoded:
-            self._decoded[index] = self._decode(index)
+            image, ids, segments = self._decode(index)
+            # ids are < 256^3 (RGB-encoded): int32 halves the cache; astype below copies back to int64
+            self._decoded[index] = (image, ids.astype(np.int32), segments)
         image, ids, segments = self._decoded[index]
-        return image.copy(), ids.copy(), list(segments)  # transforms may write into what they are given
+        return image.copy(), ids.astype(np.int64), list(segments)  # transforms may write into what they are given
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
         record = self.records[index]
