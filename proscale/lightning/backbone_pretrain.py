@@ -16,6 +16,7 @@ with a JSON sidecar (settings, final pixel accuracy, wall time). Validation imag
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -231,6 +232,10 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     log.info(
         f"backbone pre-training: done in {info['wall_time_s']:.0f} s, res3 pixel accuracy {module.pixel_accuracy:.3f}"
     )
+    # The trainer and the module refer to each other: collect them now, so that the datasets (and their decoded-
+    # image cache) are freed before the main training fills its own.
+    del trainer, module, backbone, datamodule, state
+    gc.collect()
     return path, {**info, "cached": False}
 
 
