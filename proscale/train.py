@@ -174,7 +174,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         best = trainer.checkpoint_callback.best_model_path
     if cfg.get("test", True) and is_overridden("test_dataloader", datamodule):
         if best is None:
-            log.warning("no best checkpoint (no validation ran?): testing the current weights")
+            log.warning(
+                "no best checkpoint (no validation ran: the run ended before trainer.check_val_every_n_epoch "
+                "epochs?): testing the current weights. To validate at the last step whatever its epoch, set "
+                "trainer.check_val_every_n_epoch=null 'trainer.val_check_interval=${steps}' (as cpu_ablation does)"
+            )
         trainer.test(module, datamodule=datamodule, ckpt_path=best if cfg.get("train", True) else ckpt_path)
         metrics.update(_floats(trainer.callback_metrics))
 

@@ -107,3 +107,7 @@ def test_ablation_preset_sweeps_schedules_and_lpe(tmp_path):
         assert job.model.conv_dim == 64 and job.model.backbone.model_name == "regnetx_002"
         assert OmegaConf.select(job, "model.encoder.schedule") == schedule
         assert job.model.encoder._target_.endswith("M2FEncoder" if schedule is None else "ProScaleEncoder")
+    # every job validates exactly at its last step, whatever `steps` is (test_train checks the behaviour)
+    for steps in (5, 300):
+        job = compose_config("train", ["experiment=cpu_ablation", f"steps={steps}"], output_dir=tmp_path)
+        assert job.trainer.check_val_every_n_epoch is None and job.trainer.val_check_interval == steps

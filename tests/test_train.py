@@ -172,6 +172,22 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, data_di
     assert failed["status"] == "failed" and "consecutive non-finite" in failed["error"]
 
 
+def test_step_based_validation_scores_a_run_shorter_than_one_epoch(tmp_path, data_dir):
+    """cpu_ablation's trainer settings: a run that ends inside its first epoch still validates at its last step,
+    so the test scores the best (= final) checkpoint; epoch-based validation would never have run."""
+    step_based = ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=${steps}"]
+    results = {}
+    for name, extra in (("epoch", []), ("step", step_based)):
+        cfg = tiny_cfg(tmp_path / "logs", data_dir, tmp_path / name, "steps=3", "test=false", *extra)
+        _, objects = train(cfg)  # tiny: 8 images / batch 2 = 4 batches per epoch
+        assert objects["trainer"].global_step == 3
+        results[name] = read_results(tmp_path / name)
+    assert results["epoch"]["best_checkpoint"] is None
+    best = Path(results["step"]["best_checkpoint"])
+    assert best.is_file() and "step_000003" in best.name
+    assert 0.0 <= results["step"]["PQ"] <= 100.0
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
     """One tiny training run (1 epoch = 4 steps, validation, best + last checkpoints, test)."""
