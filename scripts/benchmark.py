@@ -318,10 +318,10 @@ def bench_train_step(bench: Bench) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from proscale.cli import CONFIG_DIR
     from proscale.models.criterion import SetCriterion
 
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=cpu_synthetic"])
     size = tuple(cfg.callbacks.compute_stats.image_size)
     batch = int(cfg.data.batch_size)

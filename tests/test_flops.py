@@ -399,3 +399,17 @@ def test_full_flops_table(tmp_path):
         assert len(list(csv.DictReader(handle))) == 2 * 9 * 2
     with open(tmp_path / "paper_numbers.csv") as handle:
         assert all(abs(float(r["difference"])) <= 1.5 for r in csv.DictReader(handle))
+
+
+def test_compute_analysis_uses_the_same_config_tree_as_the_apps(monkeypatch, tmp_path):
+    """Flop tables read the config tree the console scripts read (``proscale.cli.CONFIG_DIR``, which honours
+    PROSCALE_CONFIG_DIR), not a path of their own; a missing tree is named with the variable that fixes it."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    import proscale.cli
+    from proscale.analysis.flop_table import compose_model_config
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(proscale.cli, "CONFIG_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="nowhere.*PROSCALE_CONFIG_DIR"):
+        compose_model_config(["experiment=tiny"])

@@ -35,7 +35,6 @@ from proscale.analysis.flops import (
     resize_for_test,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BACKBONES = ("r50", "swin_t")
 NUM_CLASSES = 133  # COCO panoptic
 
@@ -121,11 +120,16 @@ def compose_model_config(overrides: Sequence[str], config_name: str = "train") -
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if not CONF_DIR.is_dir():
-        raise ValueError(f"compute analysis: config directory {CONF_DIR} does not exist")
+    from proscale.cli import CONFIG_DIR
+
+    if not Path(CONFIG_DIR).is_dir():
+        raise ValueError(
+            f"compute analysis: config directory {CONFIG_DIR} does not exist (set PROSCALE_CONFIG_DIR to the "
+            "project's conf/ folder)"
+        )
     if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
         return compose(config_name=config_name, overrides=list(overrides)).model
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides)).model
 
 
