@@ -283,6 +283,7 @@ def bench_models(bench: Bench) -> None:
         model_ms = bench.time_interleaved(
             {n: (lambda m=m: m(images)) for n, m in models.items()}, repeats=max(2, bench.repeats - 2)
         )
+        bench_decoder_parts(bench, models, feats, candidates[GEMM_KEY], size)
     for name, model in models.items():
         entry = {"pixdec_ms": pixdec_ms[name], "model_ms": model_ms[name]}
         if count_flops is not None:
@@ -309,6 +310,94 @@ def bench_models(bench: Bench) -> None:
         v["encoder_gemm_fraction"] = min(fractions.values())
         m2f, p333 = v["model_m2f"], v["model_proscale333_lpe"]
         v["proscale333_encoder_gflops_ratio"] = p333["encoder_gflops"] / m2f["encoder_gflops"]
+
+
+PARTS = ("input_proj", "encoder", "stride4_tail")
+PARTS_MODELS = ("m2f", "proscale333_lpe")
+
+
+def bench_decoder_parts(bench: Bench, models: dict, feats: dict, gemm: Callable[[], object], gemm_size: int) -> None:
+    """Where the pixel decoders' time goes, and what the (3,3,3) time-ratio target would need.
+
+    Times the three parts of the M2F and PRO-SCALE (3,3,3)+LPE pixel decoders -- input projections, encoder,
+    stride-4 tail (adapter + upsample-add + 3x3 conv or LPE max-pool + GN + ReLU + mask projection) -- round-robin
+    with a dense GEMM, each part on its own precomputed inputs, and counts each part's GMACs.
+
+    Both encoders run the same layer code, so any speed-up of the layers applies to both. With L the time of
+    one full-resolution layer (M2F encoder time / its layer count) and e = the (3,3,3) encoder's time beyond its
+    3 full-resolution layers in units of L (its stage-1/2 layers), the time ratio at a layer time L is
+    (proj_p + tail_p + (3 + e) L) / (proj_m + tail_m + 6 L), the other parts as measured. Solving for the ratio
+    target gives the layer time L* the target needs, which the report sets against the time the layer's linear
+    layers alone take at the dense-GEMM rate of this run.
+    """
+    from proscale.analysis.flop_counter import count_call_flops
+
+    times_in = {}
+    gmacs = {}
+    checks = []
+    for name in PARTS_MODELS:
+        decoder = models[name].pixel_decoder
+        fast = decoder._fast_path_applies(feats["res2"])
+        projected = decoder.project_inputs(feats, fast)
+        encoded = decoder.encoder(projected)
+        masks = decoder.stride4_features(feats["res2"], encoded[-1], fast)
+        checks.append(float((masks - decoder(feats).mask_features).abs().max()))
+        times_in[f"{name}/input_proj"] = lambda d=decoder, f=fast: d.project_inputs(feats, f)
+        times_in[f"{name}/encoder"] = lambda d=decoder, p=projected: d.encoder(p)
+        times_in[f"{name}/stride4_tail"] = lambda d=decoder, e=encoded[-1], f=fast: d.stride4_features(
+            feats["res2"], e, f
+        )
+        counted = count_call_flops(decoder, (feats,)).by_module
+        projections = sum(counted[f"input_proj.{i}"] for i in range(len(decoder.input_proj)))  # a ModuleList
+        layer = f"encoder.layers.{len(decoder.encoder.layers) - 1}"  # the last layer runs at full resolution
+        linear = sum(
+            counted[f"{layer}.{sub}"]
+            for sub, module in decoder.encoder.layers[-1].named_modules()
+            if isinstance(module, torch.nn.Linear)
+        )
+        gmacs[name] = {
+            "input_proj": projections / 1e9,
+            "encoder": counted["encoder"] / 1e9,
+            "stride4_tail": (counted[""] - projections - counted["encoder"]) / 1e9,
+            "full_res_layer": counted[layer] / 1e9,
+            "full_res_layer_linear": linear / 1e9,
+            "layers": len(decoder.encoder.layers),
+            "last_stage_layers": int(getattr(decoder.encoder, "schedule", [len(decoder.encoder.layers)])[-1]),
+        }
+    times_in[GEMM_KEY] = gemm
+    ms = bench.time_interleaved(times_in)
+    gemm_rate = gemm_size**3 / (ms.pop(GEMM_KEY) / 1000) / 1e9
+    parts = {
+        name: {part: {"ms": ms[f"{name}/{part}"], "gmacs": gmacs[name][part]} for part in PARTS}
+        for name in PARTS_MODELS
+    }
+    m2f, p333 = (parts[n] for n in PARTS_MODELS)
+    layer_ms = m2f["encoder"]["ms"] / gmacs["m2f"]["layers"]
+    full = gmacs["proscale333_lpe"]["last_stage_layers"]
+    extra = (p333["encoder"]["ms"] - full * layer_ms) / layer_ms
+    target = dict((k, t) for k, _, _, t in TARGETS)["proscale333_pixdec_time_ratio"]
+    rest_m = m2f["input_proj"]["ms"] + m2f["stride4_tail"]["ms"]
+    rest_p = p333["input_proj"]["ms"] + p333["stride4_tail"]["ms"]
+    layers_m = gmacs["m2f"]["layers"]
+    needed = (target * rest_m - rest_p) / ((full + extra) - layers_m * target)
+    layer_gmacs, linear_gmacs = gmacs["m2f"]["full_res_layer"], gmacs["m2f"]["full_res_layer_linear"]
+    bench.values["decoder_parts"] = {
+        "parts": parts,
+        "max_abs_diff_parts_vs_whole": max(checks),
+        "dense_gemm_gmacs": gemm_rate,
+        "parts_ratio": sum(p["ms"] for p in p333.values()) / sum(p["ms"] for p in m2f.values()),
+        "full_res_layer_ms": layer_ms,
+        "full_res_layer_gmacs": layer_gmacs,
+        "full_res_layer_linear_gmacs": linear_gmacs,
+        "stage12_in_layers": extra,
+        "target": target,
+        "needed_layer_ms": needed,
+        "ratio_with_instant_layers": rest_p / rest_m,
+        "full_res_queries": int(sum(f.shape[-2] * f.shape[-1] for f in encoded)),
+        "needed_layer_gmac_per_s": layer_gmacs / (needed / 1000) if needed > 0 else float("inf"),
+        "linear_at_dense_gemm_ms": linear_gmacs / gemm_rate * 1000,
+    }
+    log(f"decoder parts: full-resolution layer {layer_ms:.0f} ms; the target needs {needed:.0f} ms")
 
 
 # --- 4. training step of the CPU preset ---------------------------------------------------------------
@@ -474,6 +563,8 @@ def markdown(bench: Bench, info: dict, command: str) -> str:
         if "proscale333_encoder_gflops_ratio" in v:
             lines += ["", f"PRO-SCALE (3,3,3)+LPE encoder GFLOPs / M2F's: {v['proscale333_encoder_gflops_ratio']:.3f}."]
         lines.append("")
+    if "decoder_parts" in v:
+        lines += parts_markdown(v["decoder_parts"])
     if "train_step" in v:
         t = v["train_step"]
         lines += [
@@ -492,6 +583,49 @@ def markdown(bench: Bench, info: dict, command: str) -> str:
     lines += [f"- `{k}`" for k in missed] if missed else ["None."]
     lines += ["", "See the notes below (kept by hand) for why targets were missed.", ""]
     return "\n".join(lines)
+
+
+def parts_markdown(d: dict) -> list[str]:
+    """The 'where the time goes' section (see :func:`bench_decoder_parts`)."""
+    names = {"m2f": "M2F", "proscale333_lpe": "PRO-SCALE (3,3,3)+LPE"}
+    lines = [
+        "### Where the pixel decoders' time goes, and what the (3,3,3) ratio target needs",
+        "",
+        f"Each part timed on its own precomputed inputs, round-robin with a dense GEMM ({d['dense_gemm_gmacs']:.1f}"
+        f" GMAC/s in this measurement); max |parts - whole| of the mask features = {d['max_abs_diff_parts_vs_whole']:.1e}.",
+        "",
+        "| part | " + " | ".join(f"{n} ms | GMACs | GMAC/s" for n in names.values()) + " |",
+        "|---|" + "---|---|---|" * len(names),
+    ]
+    for part in PARTS:
+        cells = []
+        for name in names:
+            p = d["parts"][name][part]
+            cells.append(f"{p['ms']:.0f} | {p['gmacs']:.1f} | {p['gmacs'] / (p['ms'] / 1000):.1f}")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    totals = [sum(d["parts"][n][p]["ms"] for p in PARTS) for n in names]
+    lines += [
+        f"| sum | {totals[0]:.0f} | | | {totals[1]:.0f} | | |",
+        "",
+        f"Ratio of the sums: {d['parts_ratio']:.3f}. One full-resolution encoder layer (M2F encoder / 6):"
+        f" {d['full_res_layer_ms']:.0f} ms for {d['full_res_layer_gmacs']:.2f} GMACs, of which"
+        f" {d['full_res_layer_linear_gmacs']:.2f} in its linear layers; the (3,3,3) encoder's stage-1/2 layers take"
+        f" {d['stage12_in_layers']:.2f} of those. Both encoders run the same layer code, so a faster layer speeds up"
+        f" both; with the other parts as measured, the ratio would be {d['ratio_with_instant_layers']:.3f} even with"
+        f" instantaneous layers.",
+    ]
+    if d["needed_layer_ms"] > 0:
+        lines[-1] += (
+            f" A time ratio of {d['target']} needs a full-resolution layer of **{d['needed_layer_ms']:.0f} ms**"
+            f" ({d['needed_layer_gmac_per_s']:.0f} GMAC/s over the whole layer). Its linear layers alone take"
+            f" {d['linear_at_dense_gemm_ms']:.0f} ms at this run's dense-GEMM rate, which would leave"
+            f" {d['needed_layer_ms'] - d['linear_at_dense_gemm_ms']:.0f} ms for the deformable sampling, softmax,"
+            f" LayerNorms and residual adds of {d['full_res_queries']:,} queries."
+        )
+    else:
+        lines[-1] += f" No layer speed reaches a time ratio of {d['target']}."
+    lines.append("")
+    return lines
 
 
 NOTES_MARKER = "<!-- notes: kept across runs -->"

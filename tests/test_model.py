@@ -121,6 +121,25 @@ def test_lpe_replaces_the_stride4_conv_by_a_max_pool():
     assert out["pred_masks"].shape == (1, QUERIES, 16, 16) and torch.isfinite(out["pred_masks"]).all()
 
 
+@pytest.mark.parametrize("lpe", [False, True])
+def test_pixel_decoder_parts_compose_to_the_whole(lpe):
+    """project_inputs -> encoder -> stride4_features (what the benchmark times separately) is the forward, on the
+    inference fast path and on the module path alike."""
+    decoder = tiny_model("timm", lpe=lpe).eval().pixel_decoder
+    gen = torch.Generator().manual_seed(0)
+    channels = {"res2": decoder.adapter_1[0].in_channels}  # input_proj is res5, res4, res3
+    channels.update({k: proj[0].in_channels for k, proj in zip(("res5", "res4", "res3"), decoder.input_proj)})
+    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    feats = {k: torch.randn(1, c, 64 // strides[k], 64 // strides[k], generator=gen) for k, c in channels.items()}
+    with torch.no_grad():
+        whole = decoder(feats).mask_features
+        for fast in (True, False):
+            encoded = decoder.encoder(decoder.project_inputs(feats, fast))
+            parts = decoder.stride4_features(feats["res2"], encoded[-1], fast)
+            torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+        assert decoder._fast_path_applies(feats["res2"])  # (so the fast branch above is the one forward takes)
+
+
 def test_lpe_pool_equals_max_pool2d_in_values_and_gradients():
     # the CPU channels-last detour must not change anything: ties included (max_pool2d sends the gradient
     # of a tied window to one element), output contiguous like max_pool2d's

@@ -134,28 +134,34 @@ class PixelDecoder(nn.Module):
         return self._forward(features)
 
     def _forward(self, features: dict[str, Tensor]) -> PixelDecoderOutput:
-        res2 = features["res2"]
-        fast = self._fast_path_applies(res2)
-        if fast:  # 1x1 conv as a plain GEMM, GroupNorm in place
-            projected = [
-                conv1x1_group_norm(features[name], *proj) for proj, name in zip(self.input_proj, ENCODER_INPUTS)
-            ]
-        else:
-            projected = [proj(features[name]) for proj, name in zip(self.input_proj, ENCODER_INPUTS)]
-        encoded = self.encoder(projected)
-        if fast and self._fast_tail_applies(res2, encoded[-1]):
-            fine = fpn_tail(res2, encoded[-1], self.adapter_1, self.layer_1)
+        fast = self._fast_path_applies(features["res2"])
+        encoded = self.encoder(self.project_inputs(features, fast))
+        mask_features = self.stride4_features(features["res2"], encoded[-1], fast)
+        return PixelDecoderOutput(mask_features=mask_features, multi_scale_features=list(encoded))
+
+    def project_inputs(self, features: dict[str, Tensor], fast: bool = False) -> list[Tensor]:
+        """``input_proj``: res5, res4, res3 -> [s5, s4, s3], each (B, conv_dim, H_l, W_l), coarse first.
+        ``fast`` (when :meth:`_fast_path_applies`): each 1x1 conv as one GEMM, GroupNorm in place."""
+        if fast:
+            return [conv1x1_group_norm(features[name], *proj) for proj, name in zip(self.input_proj, ENCODER_INPUTS)]
+        return [proj(features[name]) for proj, name in zip(self.input_proj, ENCODER_INPUTS)]
+
+    def stride4_features(self, res2: Tensor, coarse: Tensor, fast: bool = False) -> Tensor:
+        """The FPN tail + mask projection: res2 (B, C2, H/4, W/4) and the finest encoder output ``coarse``
+        (B, conv_dim, H/8, W/8) -> mask features (B, mask_dim, H/4, W/4)."""
+        if fast and self._fast_tail_applies(res2, coarse):
+            fine = fpn_tail(res2, coarse, self.adapter_1, self.layer_1)
             if self.mask_features.in_channels == self.mask_features.out_channels:
                 # ``fine`` is a buffer of our own, used by nothing else: project it in place
-                return PixelDecoderOutput(conv1x1_(fine, self.mask_features), multi_scale_features=list(encoded))
+                return conv1x1_(fine, self.mask_features)
         else:
             lateral = self.adapter_1(res2)
             # the encoder output is a channels-last view: the bilinear kernel is ~4x faster on a contiguous map
-            coarse = encoded[-1].contiguous()
-            upsampled = F.interpolate(coarse, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled = F.interpolate(
+                coarse.contiguous(), size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            )
             fine = self.layer_1(lateral + upsampled)
-        mask_features = conv1x1(fine, self.mask_features) if fast else self.mask_features(fine)
-        return PixelDecoderOutput(mask_features=mask_features, multi_scale_features=list(encoded))
+        return conv1x1(fine, self.mask_features) if fast else self.mask_features(fine)
 
     def _fast_path_applies(self, res2: Tensor) -> bool:
         """Whether the inference fast paths (:mod:`proscale.models.ops.fpn_tail`: in place, no autograd) may
