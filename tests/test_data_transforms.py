@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from proscale.data.collate import collate_batch, padded_size
 from proscale.data.transforms import (
+    ColorAugSSD,
     Compose,
     FixedSizeCrop,
     RandomFlip,
@@ -137,3 +138,54 @@ def test_collate_honours_pad_to_and_divisibility():
 def test_collate_rejects_empty_batch():
     with pytest.raises(ValueError, match="empty"):
         collate_batch([])
+
+
+# ----------------------------------------------------------------------------------------- colour distortion
+def _rgb_sample(seed: int = 0, h: int = 24, w: int = 32) -> Sample:
+    gen = np.random.default_rng(seed)
+    image = gen.integers(40, 216, size=(h, w, 3), dtype=np.uint8)  # away from 0/255: no clipping below
+    ids = gen.integers(0, 5, size=(h, w))
+    return Sample(image=image, maps={"ids": ids.copy()}, fills={"ids": 0})
+
+
+def test_color_aug_ssd_changes_only_the_image_and_each_part_does_what_it_says():
+    torch.manual_seed(0)
+    identity = ColorAugSSD(0, 1.0, 1.0, 1.0, 1.0, 0)
+    sample = _rgb_sample()
+    before = sample.image.copy()
+    for _ in range(8):  # whatever the coins say, neutral ranges change nothing (HSV round trip within 1 level)
+        out = identity(_rgb_sample())
+        assert np.abs(out.image.astype(int) - before.astype(int)).max() <= 1
+        np.testing.assert_array_equal(out.maps["ids"], _rgb_sample().maps["ids"])
+
+    brightness = ColorAugSSD(32, 1.0, 1.0, 1.0, 1.0, 0)
+    shifts = set()
+    for _ in range(20):  # one offset for every pixel and channel, within +-32; applied about half the time
+        diff = brightness(_rgb_sample()).image.astype(int) - before.astype(int)
+        assert np.ptp(diff) <= 2 and abs(int(np.median(diff))) <= 32  # (+-1: HSV round trip and rounding)
+        shifts.add(int(np.median(diff)) != 0)
+    assert shifts == {True, False}
+
+    hue = ColorAugSSD(0, 1.0, 1.0, 1.0, 1.0, 18)
+    changed = 0
+    for _ in range(20):  # a hue rotation keeps each pixel's max (V) and max - min (chroma)
+        out = hue(_rgb_sample()).image.astype(int)
+        src = before.astype(int)
+        assert np.abs(out.max(-1) - src.max(-1)).max() <= 1
+        assert np.abs(np.ptp(out, -1) - np.ptp(src, -1)).max() <= 2
+        changed += int(np.abs(out - src).max() > 1)
+    assert 3 <= changed <= 17
+
+    contrast = ColorAugSSD(0, 0.5, 0.5, 1.0, 1.0, 0)
+    halved = [contrast(_rgb_sample()).image.astype(int) for _ in range(12)]
+    assert any(np.abs(x - np.rint(before * 0.5)).max() <= 1 for x in halved)
+
+    with pytest.raises(ValueError, match="contrast_low <= contrast_high"):
+        ColorAugSSD(contrast_low=2.0, contrast_high=1.0)
+
+
+def test_ade20k_and_cityscapes_recipes_use_the_colour_distortion_and_coco_does_not():
+    from proscale.data.datamodule import crop_recipe, lsj_recipe
+
+    assert any(isinstance(t, ColorAugSSD) for t in crop_recipe(512, 512, 2048))
+    assert not any(isinstance(t, ColorAugSSD) for t in lsj_recipe())

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from proscale.data.collate import collate_batch
 from proscale.data.common import require_paths
 from proscale.data.transforms import (
+    ColorAugSSD,
     Compose,
     FixedSizeCrop,
     RandomCrop,
@@ -49,8 +50,8 @@ def coco_test_recipe(short_edge: int = 800, max_size: int = 1333) -> list:
 
 
 def crop_recipe(base: int, crop_size: int | tuple[int, int], max_size: int) -> list:
-    """ADE20K / Cityscapes: short side from 0.5..2.0 x ``base``, random crop, flip."""
-    return [ResizeShortestEdge(scale_list(base), max_size), RandomCrop(crop_size), RandomFlip()]
+    """ADE20K / Cityscapes: short side from 0.5..2.0 x ``base``, random crop, SSD colour distortion, flip."""
+    return [ResizeShortestEdge(scale_list(base), max_size), RandomCrop(crop_size), ColorAugSSD(), RandomFlip()]
 
 
 class SegmentationDataModule(LightningDataModule):

@@ -1,4 +1,4 @@
-"""Geometric augmentations applied jointly to an image and its label maps (the paper's recipes).
+"""Augmentations applied jointly to an image and its label maps (the paper's recipes).
 
 A :class:`Sample` carries the image (H, W, 3) uint8 and any number of label maps shaped (..., H, W)
 (a panoptic id map, a semantic map, a stack of instance masks), each with the value used where the map
@@ -12,8 +12,12 @@ Recipes (Mask2Former / the paper), all sizes configurable so CPU presets can shr
 
     COCO train (LSJ):   RandomFlip, ResizeScale(0.1, 2.0, 1024), FixedSizeCrop(1024)
     COCO test:          ResizeShortestEdge(800, max_size=1333)
-    Cityscapes train:   ResizeShortestEdge([512..2048], max_size=4096), RandomCrop((512, 1024)), RandomFlip
-    ADE20K train:       ResizeShortestEdge([256..1024], max_size=2048), RandomCrop(512), RandomFlip
+    Cityscapes train:   ResizeShortestEdge([512..2048], max_size=4096), RandomCrop((512, 1024)), ColorAugSSD,
+                        RandomFlip
+    ADE20K train:       ResizeShortestEdge([256..1024], max_size=2048), RandomCrop(512), ColorAugSSD, RandomFlip
+
+:class:`ColorAugSSD` (Mask2Former's ``INPUT.COLOR_AUG_SSD`` for ADE20K and Cityscapes) is the only photometric
+one: it changes the image's colours and leaves every label map as it is.
 
 Randomness comes from torch's global generator, which the DataLoader seeds per worker (and Lightning's
 ``seed_everything(workers=True)`` makes reproducible).
@@ -169,6 +173,88 @@ class FixedSizeCrop:
 
 RandomCrop = FixedSizeCrop
 """Cityscapes (512, 1024) / ADE20K 512 "absolute" random crop: the same operation as the LSJ crop."""
+
+
+class ColorAugSSD:
+    """SSD-style colour distortion (Mask2Former's ``COLOR_AUG_SSD``, on for ADE20K and Cityscapes). Image only.
+
+    Brightness first, then contrast either before or after saturation + hue (a coin flip); each of the four
+    is applied with probability 1/2 and the image is clipped to [0, 255] after each:
+
+    - brightness: add U(-brightness_delta, +brightness_delta) to every channel;
+    - contrast: multiply by U(contrast_low, contrast_high);
+    - saturation: multiply HSV saturation by U(saturation_low, saturation_high);
+    - hue: shift the HSV hue by an integer U{-hue_delta..+hue_delta} in OpenCV units (180 per turn,
+      so 18 = 36 degrees).
+
+    HSV is computed in float (no 8-bit rounding of H, S, V between the steps); the result is uint8.
+    """
+
+    def __init__(
+        self,
+        brightness_delta: float = 32,
+        contrast_low: float = 0.5,
+        contrast_high: float = 1.5,
+        saturation_low: float = 0.5,
+        saturation_high: float = 1.5,
+        hue_delta: int = 18,
+    ) -> None:
+        for name, low, high in (
+            ("contrast", contrast_low, contrast_high),
+            ("saturation", saturation_low, saturation_high),
+        ):
+            if not 0 <= low <= high:
+                raise ValueError(f"ColorAugSSD needs 0 <= {name}_low <= {name}_high, got {low}, {high}")
+        if brightness_delta < 0 or not 0 <= hue_delta <= 180:
+            raise ValueError(
+                f"ColorAugSSD needs brightness_delta >= 0 and 0 <= hue_delta <= 180, got {brightness_delta}, {hue_delta}"
+            )
+        self.brightness_delta = float(brightness_delta)
+        self.contrast = (float(contrast_low), float(contrast_high))
+        self.saturation = (float(saturation_low), float(saturation_high))
+        self.hue_delta = int(hue_delta)
+
+    @staticmethod
+    def _coin() -> bool:
+        return float(torch.rand(())) < 0.5
+
+    def _contrast(self, image: np.ndarray) -> np.ndarray:
+        if self._coin():
+            image = np.clip(image * _uniform(*self.contrast), 0, 255)
+        return image
+
+    def _saturation_and_hue(self, image: np.ndarray) -> np.ndarray:
+        saturation = _uniform(*self.saturation) if self._coin() else None
+        hue = int(torch.randint(-self.hue_delta, self.hue_delta + 1, ())) if self._coin() else None
+        if saturation is None and hue is None:
+            return image
+        from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+        hsv = rgb_to_hsv(image / 255.0)
+        if saturation is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
+            image = hsv_to_rgb(hsv) * 255.0
+        if hue is not None:
+            hsv[..., 0] = (hsv[..., 0] + hue / 180.0) % 1.0
+            image = hsv_to_rgb(hsv) * 255.0
+        return np.clip(image, 0, 255)
+
+    def __call__(self, sample: Sample) -> Sample:
+        image = sample.image.astype(np.float32)
+        if self._coin():
+            image = np.clip(image + _uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
+        if self._coin():
+            image = self._saturation_and_hue(self._contrast(image))
+        else:
+            image = self._contrast(self._saturation_and_hue(image))
+        sample.image = np.rint(image).astype(np.uint8)
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"ColorAugSSD(brightness_delta={self.brightness_delta}, contrast={self.contrast}, "
+            f"saturation={self.saturation}, hue_delta={self.hue_delta})"
+        )
 
 
 class ResizeShortestEdge:
