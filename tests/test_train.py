@@ -283,6 +283,34 @@ def test_predict_writes_overlays_and_coco_json(trained_run, data_dir, tmp_path):
         assert {s["id"] for s in annotation["segments_info"]} <= set(np.unique(ids).tolist())
 
 
+def test_layer_summary_has_no_flops_column(capsys):
+    """Lightning's summary prints FLOPs as 0 for modules without example_input_array; ours drops them."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.model_summary.model_summary import summarize
+
+    from proscale.lightning.callbacks import LayerSummary
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+            self.head = nn.Sequential(nn.Linear(4, 2))
+
+    summary = summarize(Tiny(), max_depth=2)
+    assert any(name == "FLOPs" for name, _ in summary._get_summary_data())  # (what Lightning would print)
+    LayerSummary.summarize(
+        summary._get_summary_data(),
+        summary.total_parameters,
+        summary.trainable_parameters,
+        summary.model_size,
+        summary.total_training_modes,
+        summary.total_flops,
+    )
+    out = capsys.readouterr().out
+    assert "FLOPs" not in out and "head.0" in out
+    assert "Params: 26 (26 trainable, 0 frozen)" in out
+
+
 def test_progress_log_writes_plain_lines_only_without_a_terminal(monkeypatch):
     from types import SimpleNamespace
 

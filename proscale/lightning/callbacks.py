@@ -7,6 +7,8 @@
   resumed from an end-of-epoch checkpoint replays exactly what an uninterrupted run does.
 - :class:`ProgressLog`: plain log lines of the training progress (step, loss, speed, ETA) and of each validation,
   for logs that are not a terminal (SLURM output files, ``| tee``), where the rich progress bar shows nothing.
+- :class:`LayerSummary`: Lightning's rich table of the model's layers and parameter counts, without the FLOPs
+  column and total that Lightning fills with zeros (our GFLOPs are :class:`ComputeStats`'s).
 - :class:`WandbExtras`: W&B run summary (config, GFLOPs, params), validation overlays, per-class PQ table,
   and the run id stored in checkpoints so a resumed training continues the same W&B run.
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichModelSummary
 from lightning.pytorch.loggers import WandbLogger
 
 from proscale.utils.io import atomic_torch_save
@@ -119,6 +122,44 @@ class ComputeStats(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(numbers, step=0)
         log.info("compute: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
+
+
+class LayerSummary(RichModelSummary):
+    """The layer table of :class:`~lightning.pytorch.callbacks.RichModelSummary` (name, type, params, mode, and
+    in/out sizes when known) and the parameter totals, without a FLOPs column: Lightning counts FLOPs only for a
+    module with ``example_input_array`` and prints 0 for ours. The run's GFLOPs (fvcore convention, per part, at
+    the configured image size) come from :class:`ComputeStats` (the ``compute:`` line, ``results.json``)."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name or " ", justify="right" if name in ("Params", "In sizes", "Out sizes") else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*(str(cell) for cell in row))
+        console = get_console()
+        console.print(table)
+        def count(n: float) -> str:
+            return get_human_readable_count(int(n)).strip()
+
+        console.print(
+            f"[bold]Params[/]: {count(total_parameters)} ({count(trainable_parameters)} trainable, "
+            f"{count(total_parameters - trainable_parameters)} frozen), {model_size:,.1f} MB\n"
+            f"[bold]Modules[/]: {total_training_modes['train']} in train mode, {total_training_modes['eval']} in eval mode"
+        )
 
 
 def seed_all(seed: int) -> None:
