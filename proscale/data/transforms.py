@@ -233,11 +233,9 @@ class ColorAugSSD:
         hsv = rgb_to_hsv(image / 255.0)
         if saturation is not None:
             hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
-            image = hsv_to_rgb(hsv) * 255.0
         if hue is not None:
             hsv[..., 0] = (hsv[..., 0] + hue / 180.0) % 1.0
-            image = hsv_to_rgb(hsv) * 255.0
-        return np.clip(image, 0, 255)
+        return np.clip(hsv_to_rgb(hsv) * 255.0, 0, 255)
 
     def __call__(self, sample: Sample) -> Sample:
         image = sample.image.astype(np.float32)

@@ -152,6 +152,7 @@ class LayerSummary(RichModelSummary):
             table.add_row(*(str(cell) for cell in row))
         console = get_console()
         console.print(table)
+
         def count(n: float) -> str:
             return get_human_readable_count(int(n)).strip()
 
