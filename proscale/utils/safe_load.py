@@ -1,0 +1,123 @@
+"""Reading files that may come from strangers without running code from them.
+
+Every file the project reads that could hold a pickle goes through here:
+
+- :func:`torch_load` -- ``torch.load(..., weights_only=True)`` with the few plain classes this project's own
+  checkpoints hold allow-listed; a file that needs anything else is refused with :class:`UnsafeFileError`,
+  which names the file, what it wanted to import and the opt-in (``allow_unsafe_load=true`` / ``--unsafe``)
+  for files the user trusts.
+- :func:`load_pickle` -- a ``pickle.Unpickler`` whose ``find_class`` only returns numpy's array/dtype
+  reconstruction, ``collections.OrderedDict`` and plain builtins (detectron2 / Mask2Former ``.pkl`` files are
+  ``{"model": {name: ndarray}}``); anything else raises :class:`UnsafeFileError`.
+
+safetensors files cannot hold code and need nothing from here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNSAFE_OPT_IN = "allow_unsafe_load=true (Hydra apps) / --unsafe (scripts/convert_weights.py)"
+
+
+class UnsafeFileError(ValueError):
+    """A file needed arbitrary unpickling (it may run code) and the user did not opt in."""
+
+
+def _refusal(path: str | os.PathLike, what: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"refusing to load {path}: it needs {what}, which could run code from the file. Only load files you "
+        f"trust that way: pass {UNSAFE_OPT_IN}. Files this project writes never need it."
+    )
+
+
+# numpy pickles arrays through these; the module moved from numpy.core to numpy._core in numpy 2.
+_NUMPY_GLOBALS = (
+    {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    }
+    | {
+        (module, "_frombuffer")
+        for module in ("numpy.core.numeric", "numpy._core.numeric")  # pickle protocol 5
+    }
+    | {("numpy", "ndarray"), ("numpy", "dtype")}
+)
+_BUILTIN_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "complex"),
+    ("builtins", "bool"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),  # numpy arrays pickled by Python 2 / with protocol 2 carry their bytes through it
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dtypes, dicts, lists and scalars; refuses every other global."""
+
+    def __init__(self, file: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS | _BUILTIN_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy >= 1.25 dtype classes
+            return super().find_class(module, name)
+        raise _refusal(self._path, f"the Python global {module}.{name}")
+
+
+def load_pickle(path: str | os.PathLike, allow_unsafe: bool = False) -> Any:
+    """Read a ``.pkl`` weight file: numpy arrays and containers only unless ``allow_unsafe``."""
+    with Path(path).open("rb") as f:
+        if allow_unsafe:
+            return pickle.load(f, encoding="latin1")  # noqa: S301 - the user opted in for this file
+        return RestrictedUnpickler(f, path, encoding="latin1").load()
+
+
+def _safe_globals() -> list[Any]:
+    """Plain classes this project's checkpoints may hold besides tensors and builtins."""
+    from lightning.fabric.utilities.data import AttributeDict
+
+    return [collections.OrderedDict, collections.defaultdict, AttributeDict]
+
+
+def torch_load(
+    path: str | os.PathLike, allow_unsafe: bool = False, map_location: Any = "cpu", mmap: bool = False
+) -> Any:
+    """``torch.load`` restricted to tensors, containers and allow-listed plain classes.
+
+    Raises :class:`UnsafeFileError` (a ``ValueError``) when the file needs anything else, unless
+    ``allow_unsafe``; other read errors propagate unchanged for the caller to wrap with its context.
+    """
+    if allow_unsafe:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        # torch words the refused global as "Unsupported global: GLOBAL module.name" (or a forbidden opcode)
+        detail = str(error).split("\n")[0]
+        if "Weights only load failed" in str(error) or "Unsupported" in detail:
+            what = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), detail)
+            raise _refusal(path, f"unrestricted unpickling ({what})") from None
+        raise
+
+
+__all__ = ["RestrictedUnpickler", "UnsafeFileError", "UNSAFE_OPT_IN", "load_pickle", "torch_load"]
