@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from proscale.reporting.ablation import find_job_dirs, load_job, summarize, to_markdown, write_tables
+from proscale.reporting.ablation import write_tables
 
 SWEEP_ROOTS = ("logs/multiruns", "multirun", "logs")
 
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = summarize([load_job(d) for d in find_job_dirs(sweep)])
-    print(to_markdown(rows, f"Ablation: {sweep}"))
+    print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind:>8}: {path}")
     return 0

@@ -1,6 +1,7 @@
 """The ablation table: seeds aggregated, failed and crashed jobs reported, files written."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,94 @@ def test_generic_timm_backbone_is_named_by_its_model(tmp_path):
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
     (job / "results.json").write_text(json.dumps(ok(10.0)))
     assert load_job(job).backbone == "resnet18"
+
+
+def test_single_runs_show_no_spread_and_the_difference_has_no_interval(tmp_path):
+    make_job(tmp_path, 0, "m2f", None, False, 0, ok(40.0))
+    make_job(tmp_path, 1, "proscale", [3, 3, 3], True, 0, ok(38.5))
+    rows = summarize([load_job(d) for d in find_job_dirs(tmp_path)], paper_size=False)
+    text = to_markdown(rows, "t")
+    assert "± 0.00" not in text and "± -" not in text and "nan" not in text
+    assert "| 40.00 |" in text and "| 38.50 |" in text
+    assert "-1.50 (no interval: < 2 runs)" in text and "(reference)" in text
+
+
+def test_difference_to_m2f_uses_welch_interval_on_hand_made_seeds(tmp_path):
+    """M2F PQ 40, 42, 44 vs PRO-SCALE 39, 40, 41: difference -2; Welch's interval by hand: the standard error is
+    sqrt(4/3 + 1/3) = 1.29099, the degrees of freedom (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = 2.94118, and
+    t(0.975, 2.94118) = 3.21876 (scipy.stats.t.ppf), so -2 -+ 4.15540."""
+    for i, pq in enumerate((40.0, 42.0, 44.0)):
+        make_job(tmp_path, i, "m2f", None, False, i, ok(pq))
+    for i, pq in enumerate((39.0, 40.0, 41.0)):
+        make_job(tmp_path, 3 + i, "proscale", [1, 1, 1], False, i, ok(pq))
+    rows = {r["model"]: r for r in summarize([load_job(d) for d in find_job_dirs(tmp_path)], paper_size=False)}
+    row = rows["PRO-SCALE (1,1,1)"]
+    assert row["PQ_mean"] == pytest.approx(40.0) and row["PQ_std"] == pytest.approx(1.0)
+    assert row["dPQ"] == pytest.approx(-2.0)
+    assert row["dPQ_low"] == pytest.approx(-2.0 - 4.15540, abs=2e-4)
+    assert row["dPQ_high"] == pytest.approx(-2.0 + 4.15540, abs=2e-4)
+    assert "-2.00 [-6.16, +2.16]" in to_markdown(list(rows.values()), "t")
+
+
+def test_welch_difference_edge_cases():
+    from proscale.reporting.stats import welch_difference
+
+    same = welch_difference([3.0, 3.0], [1.0, 1.0])
+    assert (same.value, same.low, same.high) == (2.0, 2.0, 2.0)
+    assert math.isnan(welch_difference([], [1.0]).value)
+
+
+def test_table_header_states_sizes_and_units(tmp_path):
+    make_job(tmp_path, 0, "m2f", None, False, 0, ok(40.0, gflops=0.2046))
+    cfg = yaml.safe_load((tmp_path / "0" / ".hydra" / "config.yaml").read_text())
+    cfg["callbacks"] = {"compute_stats": {"image_size": [128, 160]}}
+    (tmp_path / "0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = to_markdown(summarize([load_job(d) for d in find_job_dirs(tmp_path)], paper_size=False), "t")
+    assert "total GFLOPs @ 128x160" in text and "GFLOPs @ 800x1088" in text and "ms/img @ 128x160" in text
+    assert "| 0.205 |" in text  # three significant figures, not two decimals
+    assert "one multiply-add = one FLOP" in text
+
+
+def test_paper_size_gflops_rebuilds_the_jobs_model():
+    """The 800x1088 columns come from the job's own model config, counted on the meta device."""
+    from omegaconf import OmegaConf
+
+    from proscale.analysis.flop_table import compose_model_config
+    from proscale.reporting.ablation import paper_size_gflops
+
+    cfg = OmegaConf.to_container(compose_model_config(["experiment=tiny"]), resolve=True)
+    small = paper_size_gflops(cfg, size=(64, 64))
+    large = paper_size_gflops(cfg)
+    assert 0 < small["encoder_gflops"] < small["total_gflops"]
+    # the encoder's cost grows with the token count: 800x1088 has 212.5x the pixels of 64x64
+    assert large["encoder_gflops"] / small["encoder_gflops"] == pytest.approx(212.5, rel=0.05)
+    assert paper_size_gflops({"no": "target"}) == {}
+
+
+@pytest.mark.parametrize("case", ["all_zero", "single_run", "all_failed"])
+def test_plot_edge_cases(tmp_path, case):
+    from proscale.reporting.ablation import plot_pq_vs_gflops
+
+    sweep = tmp_path / "sweep"
+    if case == "all_zero":
+        make_job(sweep, 0, "m2f", None, False, 0, ok(0.0))
+        make_job(sweep, 1, "m2f", None, False, 1, ok(0.0))
+        make_job(sweep, 2, "proscale", [1, 1, 1], True, 0, ok(0.0, gflops=3.0))
+    elif case == "single_run":
+        make_job(sweep, 0, "m2f", None, False, 0, ok(35.0))
+    else:
+        make_job(sweep, 0, "m2f", None, False, 0, {"status": "failed", "error": "boom"})
+        make_job(sweep, 1, "proscale", [1, 1, 1], False, 0, None)
+    rows = summarize([load_job(d) for d in find_job_dirs(sweep)], paper_size=False)
+    path = tmp_path / "plot.png"
+    (panel,) = plot_pq_vs_gflops(rows, path)
+    assert path.stat().st_size > 1000
+    if case == "all_failed":
+        assert panel["points"] == 0 and "nothing to plot" in panel["message"] and "2 failed" in panel["message"]
+        return
+    low, high = panel["ylim"]
+    assert low == 0 and high >= 1.0  # never a negative PQ axis, even when every value is 0
+    assert "GFLOPs" in panel["xlabel"] and "FLOP" in panel["xlabel"]
+    assert panel["points"] == (2 if case == "all_zero" else 1)
+    if case == "single_run":
+        assert high == pytest.approx(35.0 * 1.1)

@@ -20,10 +20,13 @@ from typing import Any
 
 import yaml
 
+from proscale.reporting.stats import mean_std, welch_difference
 from proscale.utils.io import atomic_write_text
 
-METRICS = ("PQ", "AP", "mIoU")
+METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
 COST_KEYS = ("encoder_gflops", "total_gflops", "params_m", "ms_per_img")
+PAPER_SIZE = (800, 1088)  # the paper's GFLOP protocol (COCO, short side 800, padded)
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Job:
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None  # the size the run's GFLOPs and ms/img were measured at
+    model_config: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -101,6 +106,8 @@ def load_job(job_dir: Path) -> Job:
         lpe=bool(_dig(cfg, "model.lpe", False)),
         seed=_dig(cfg, "seed"),
         status="failed",
+        image_size=_size(_dig(cfg, "callbacks.compute_stats.image_size")),
+        model_config=_dig(cfg, "model"),
     )
     results_path = job_dir / "results.json"
     if not results_path.exists():
@@ -129,18 +136,46 @@ def load_job(job_dir: Path) -> Job:
     return job
 
 
+def _size(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def paper_size_gflops(model_config: dict[str, Any] | None, size: tuple[int, int] = PAPER_SIZE) -> dict[str, float]:
+    """Encoder / total GFLOPs of a job's model at the paper's size, counted on the meta device (no weights, a
+    second or two); empty when the job's config cannot be rebuilt."""
+    if not model_config or "_target_" not in model_config:
+        return {}
+    import copy
+
+    import torch
+    from hydra.utils import instantiate
+
+    from proscale.analysis.flops import count_flops
+
+    cfg = copy.deepcopy(model_config)
+    if not isinstance(cfg.get("num_classes"), int):
+        cfg["num_classes"] = 133  # class-head FLOPs only; the table's comparison does not depend on it
+    if isinstance(cfg.get("backbone"), dict):
+        cfg["backbone"]["pretrained"] = None  # shapes only: never read a weight file here
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg)
+        flops = count_flops(model, image_size=size)
+    except Exception:  # an old or foreign config: the column stays empty rather than failing the table
+        return {}
+    return {"encoder_gflops": flops["encoder"], "total_gflops": flops["total"]}
 
 
-def summarize(jobs: list[Job]) -> list[dict[str, Any]]:
-    """One row per (backbone, encoder, schedule, LPE): mean/std over successful seeds, failures counted."""
+def summarize(jobs: list[Job], paper_size: bool = True) -> list[dict[str, Any]]:
+    """One row per (backbone, encoder, schedule, LPE): mean/std over successful seeds, failures counted, the PQ
+    difference to M2F (same backbone, LPE off) with a Welch 95 % interval, and (``paper_size``) the GFLOPs at the
+    paper's 800x1088."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.group_key, []).append(job)
@@ -148,6 +183,7 @@ def summarize(jobs: list[Job]) -> list[dict[str, Any]]:
     for key in sorted(groups, key=lambda k: (k[0], k[1] != "m2f", k[1], k[2], k[3])):
         members = groups[key]
         ok = [j for j in members if j.status == "ok"]
+        sizes = {j.image_size for j in members if j.image_size}
         row: dict[str, Any] = {
             "backbone": key[0],
             "model": members[0].label,
@@ -157,38 +193,87 @@ def summarize(jobs: list[Job]) -> list[dict[str, Any]]:
             "runs_ok": len(ok),
             "runs_failed": len(members) - len(ok),
             "errors": "; ".join(f"{j.path.name}: {j.error}" for j in members if j.status != "ok"),
+            "run_size": "x".join(map(str, sizes.pop())) if len(sizes) == 1 else "",
         }
         for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
                 [j.metrics[metric] for j in ok if metric in j.metrics]
             )
+        row["_PQ_values"] = [j.metrics["PQ"] for j in ok if "PQ" in j.metrics]
         for cost in COST_KEYS:
             values = [j.costs[cost] for j in ok if cost in j.costs] or [
                 j.costs[cost] for j in members if cost in j.costs
             ]
             row[cost] = statistics.fmean(values) if values else math.nan
+        paper = paper_size_gflops(members[0].model_config) if paper_size else {}
+        row["paper_encoder_gflops"] = paper.get("encoder_gflops", math.nan)
+        row["paper_total_gflops"] = paper.get("total_gflops", math.nan)
         rows.append(row)
+    for row in rows:
+        reference = next(
+            (r for r in rows if r["backbone"] == row["backbone"] and r["encoder"] == "m2f" and not r["lpe"]), None
+        )
+        diff = welch_difference(row["_PQ_values"], reference["_PQ_values"], CONFIDENCE) if reference else None
+        row["dPQ"] = diff.value if diff else math.nan
+        row["dPQ_low"] = diff.low if diff else math.nan
+        row["dPQ_high"] = diff.high if diff else math.nan
+    for row in rows:
+        del row["_PQ_values"]
     return rows
 
 
-def _fmt(value: float, digits: int = 2) -> str:
+def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _gflops(value: float) -> str:
+    """Three significant figures: GFLOPs span 0.01 (CPU presets) to 100s (the paper's size)."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _metric_cell(row: dict[str, Any], metric: str) -> str:
+    if not row["runs_ok"]:
+        return "failed"
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    return _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _difference_cell(row: dict[str, Any]) -> str:
+    if row["encoder"] == "m2f" and not row["lpe"]:
+        return "(reference)"
+    if math.isnan(row["dPQ"]):
+        return "-"
+    if math.isnan(row["dPQ_low"]):
+        return f"{row['dPQ']:+.2f} (no interval: < 2 runs)"
+    return f"{row['dPQ']:+.2f} [{row['dPQ_low']:+.2f}, {row['dPQ_high']:+.2f}]"
+
+
 def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
-    header = "| backbone | model | PQ | AP | mIoU | enc. GFLOPs | total GFLOPs | params (M) | ms/img | runs |"
-    lines = [f"# {title}", "", header, "|" + "---|" * 10]
+    run_sizes = {r["run_size"] for r in rows}
+    run_size = run_sizes.pop() if len(run_sizes) == 1 and "" not in run_sizes else None
+    at_run = f"@ {run_size}" if run_size else "@ run size"
+    paper = "x".join(map(str, PAPER_SIZE))
+    columns = ["backbone", "model", *METRICS, "ΔPQ vs M2F [95 % CI]", f"enc. GFLOPs {at_run}"]
+    columns += [f"total GFLOPs {at_run}", f"enc. GFLOPs @ {paper}", f"total GFLOPs @ {paper}", "params (M)"]
+    columns += [f"ms/img {at_run}", "runs"]
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        metric_cells = [
-            f"{_fmt(r[f'{m}_mean'])} ± {_fmt(r[f'{m}_std'])}" if r["runs_ok"] else "failed" for m in METRICS
-        ]
         runs = f"{r['runs_ok']} ok" + (f", {r['runs_failed']} failed" if r["runs_failed"] else "")
-        lines.append(
-            f"| {r['backbone']} | {r['model']} | "
-            + " | ".join(metric_cells)
-            + f" | {_fmt(r['encoder_gflops'])} | {_fmt(r['total_gflops'])} | {_fmt(r['params_m'])}"
-            + f" | {_fmt(r['ms_per_img'], 1)} | {runs} |"
-        )
+        model = r["model"] + (f" ({r['run_size']})" if not run_size and r["run_size"] else "")
+        cells = [r["backbone"], model, *(_metric_cell(r, m) for m in METRICS), _difference_cell(r)]
+        cells += [_gflops(r["encoder_gflops"]), _gflops(r["total_gflops"])]
+        cells += [_gflops(r["paper_encoder_gflops"]), _gflops(r["paper_total_gflops"]), _fmt(r["params_m"])]
+        cells += [_fmt(r["ms_per_img"], 1), runs]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Metrics on the 0-100 scale: mean ± sample std over the seeds that finished (a single run shows its value "
+        "alone). ΔPQ: difference of mean PQ to M2F (same backbone, LPE off) with Welch's 95 % t interval. GFLOPs "
+        "per image, one multiply-add = one FLOP (fvcore convention), inference post-processing included; params "
+        "in millions; ms/img measured by each job on its own machine (median of a few passes after a warm-up).",
+    ]
     failures = [r for r in rows if r["runs_failed"]]
     if failures:
         lines += ["", "## Failed jobs", ""] + [f"- {r['model']} ({r['backbone']}): {r['errors']}" for r in failures]
@@ -204,46 +289,116 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> None:
-    """PQ (mean ± std over seeds) against total GFLOPs, one marker per row, LPE rows hollow."""
+SCHEDULE_MARKERS = {"-": "o", "(1,1,1)": "s", "(2,2,2)": "^", "(3,3,3)": "D"}
+LPE_STYLE = {False: ("C0", "LPE off"), True: ("C3", "LPE on")}
+
+
+def _plotted_x(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The x column and its label: encoder GFLOPs at the paper's size when every plotted row has it, else at the
+    run size."""
+    if rows and all(not math.isnan(r["paper_encoder_gflops"]) for r in rows):
+        return "paper_encoder_gflops", "encoder GFLOPs per image @ " + "x".join(map(str, PAPER_SIZE))
+    sizes = {r["run_size"] for r in rows}
+    size = sizes.pop() if len(sizes) == 1 and "" not in sizes else "run size"
+    return "encoder_gflops", f"encoder GFLOPs per image @ {size}"
+
+
+def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """PQ (mean, error bar ± 1 std over seeds) against encoder GFLOPs: one marker per schedule, LPE off / on as
+    two colours, one panel per backbone. Without a finished run the figure says so instead of empty axes.
+
+    Returns what each panel shows (``backbone``, ``points``, ``ylim``, ``xlabel``, ``message``), for tests."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for r in rows:
-        if not r["runs_ok"] or math.isnan(r["PQ_mean"]) or math.isnan(r["total_gflops"]):
+    plotted = [r for r in rows if r["runs_ok"] and not math.isnan(r["PQ_mean"])]
+    x_key, x_label = _plotted_x(plotted)
+    plotted = [r for r in plotted if not math.isnan(r[x_key])]
+    backbones = sorted({r["backbone"] for r in plotted}) or ["-"]
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5.6 * len(backbones), 4.4), dpi=120, squeeze=False)
+    panels = []
+    for ax, backbone in zip(axes[0], backbones):
+        mine = [r for r in plotted if r["backbone"] == backbone]
+        if not mine:
+            failed = sum(r["runs_failed"] for r in rows)
+            message = f"nothing to plot: no finished run with PQ ({failed} failed)"
+            panels.append({"backbone": backbone, "points": 0, "ylim": None, "xlabel": None, "message": message})
+            ax.text(
+                0.5,
+                0.5,
+                message,
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+            ax.set_axis_off()
             continue
-        ax.errorbar(
-            r["total_gflops"],
-            r["PQ_mean"],
-            yerr=r["PQ_std"],
-            fmt="o" if not r["lpe"] else "s",
-            mfc="white" if r["lpe"] else None,
-            capsize=3,
-            label=f"{r['model']} ({r['backbone']})",
+        for r in mine:
+            colour, _ = LPE_STYLE[bool(r["lpe"])]
+            std = r["PQ_std"]
+            ax.errorbar(
+                r[x_key],
+                r["PQ_mean"],
+                yerr=None if math.isnan(std) else std,
+                capsize=3,
+                color=colour,
+                marker=SCHEDULE_MARKERS.get(r["schedule"], "P"),
+                markersize=7,
+                linestyle="none",
+            )
+        top = max(r["PQ_mean"] + (0 if math.isnan(r["PQ_std"]) else r["PQ_std"]) for r in mine)
+        ax.set_ylim(0, max(1.0, top * 1.1))
+        ax.set_xlim(left=0, right=max(r[x_key] for r in mine) * 1.15 or 1.0)
+        ax.set_xlabel(x_label + " (1 multiply-add = 1 FLOP)")
+        ax.set_ylabel("PQ (%)")
+        seeds = sorted({r["runs_ok"] for r in mine})
+        ax.set_title(f"{backbone}: PQ vs. encoder compute ({'/'.join(map(str, seeds))} seed(s) per point)", fontsize=9)
+        ax.grid(alpha=0.3)
+        schedules = sorted({r["schedule"] for r in mine}, key=lambda s: (s != "-", s))
+        handles = [
+            Line2D(
+                [],
+                [],
+                color="0.3",
+                marker=SCHEDULE_MARKERS.get(s, "P"),
+                linestyle="none",
+                label="M2F" if s == "-" else f"PRO-SCALE {s}",
+            )
+            for s in schedules
+        ]
+        handles += [
+            Line2D([], [], color=c, marker="o", linestyle="none", label=name)
+            for lpe, (c, name) in LPE_STYLE.items()
+            if any(bool(r["lpe"]) == lpe for r in mine)
+        ]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        panels.append(
+            {
+                "backbone": backbone,
+                "points": len(mine),
+                "ylim": ax.get_ylim(),
+                "xlabel": ax.get_xlabel(),
+                "message": None,
+            }
         )
-    ax.set_xlabel("total GFLOPs (one multiply-add = 1 flop)")
-    ax.set_ylabel("PQ")
-    ax.set_title("PQ vs. compute")
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+    return panels
 
 
-def write_tables(multirun_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+def write_tables(multirun_dir: Path, out_dir: Path | None = None, paper_size: bool = True) -> dict[str, Path]:
     """Write ablation.md / ablation.csv / pq_vs_gflops.png into ``out_dir`` (default: the multirun dir)."""
     multirun_dir = Path(multirun_dir)
     out_dir = Path(out_dir) if out_dir else multirun_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [load_job(d) for d in find_job_dirs(multirun_dir)]
-    rows = summarize(jobs)
+    rows = summarize(jobs, paper_size=paper_size)
     paths = {"markdown": out_dir / "ablation.md", "csv": out_dir / "ablation.csv", "plot": out_dir / "pq_vs_gflops.png"}
     atomic_write_text(paths["markdown"], to_markdown(rows, f"Ablation: {multirun_dir}"))
     atomic_write_text(paths["csv"], to_csv(rows))
