@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ def load_checkpoint_cpu(path: str | os.PathLike, allow_unsafe: bool = False) -> 
     Safe by default (``weights_only`` with the project's plain classes allowed): a file that needs arbitrary
     unpickling raises :class:`~proscale.utils.safe_load.UnsafeFileError` naming it and the opt-in."""
     try:
-        return torch_load(path, allow_unsafe=allow_unsafe, map_location="cpu", mmap=True)
+        # torch can memory-map only its zip format; older or foreign files are read whole
+        return torch_load(path, allow_unsafe=allow_unsafe, map_location="cpu", mmap=zipfile.is_zipfile(path))
     except UnsafeFileError:
         raise
     except Exception as error:
