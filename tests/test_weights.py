@@ -153,7 +153,8 @@ def lightning_checkpoint(path, model, ema_model=None, model_config=None):
     """The layout this project's training writes (module state under ``model.``, EMA shadow under ``ema``)."""
     hparams = {"model_config": model_config, "meta": {"num_classes": 3}, "ema_decay": 0.99 if ema_model else None}
     checkpoint = {
-        "state_dict": {"model." + k: v for k, v in model.state_dict().items()} | {"criterion.empty_weight": torch.ones(4)},
+        "state_dict": {"model." + k: v for k, v in model.state_dict().items()}
+        | {"criterion.empty_weight": torch.ones(4)},
         "hyper_parameters": hparams,
         "pytorch-lightning_version": "2.6.0",
         "global_step": 3,

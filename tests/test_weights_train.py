@@ -117,6 +117,13 @@ def test_train_weights_with_another_class_count(run, tmp_path):
     assert model.transformer_decoder.class_embed.weight.shape == head.shape  # the dataset's classes: a new head
 
 
+def test_train_weights_conflicting_override_names_both_values(run, tmp_path):
+    torch.save(read_weights(run["ckpt"]).state_dict, tmp_path / "plain.pth")
+    cfg = cfg_for(run["root"], "conflict", f"weights={tmp_path / 'plain.pth'}", "model.encoder.schedule=[1,1,1]")
+    with pytest.raises(ValueError, match=r"model\.encoder\.schedule=\[1,1,1\] .*plain\.pth.*schedule=\[3,3,3\]"):
+        train(cfg)
+
+
 @pytest.fixture(scope="module")
 def evil_files(run, tmp_path_factory):
     """A .pth, a real Lightning .ckpt and a detectron2-style .pkl, each carrying an os.system payload."""

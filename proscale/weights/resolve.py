@@ -82,6 +82,15 @@ def _switch_backbone(cfg: DictConfig, name: str) -> str | None:
     return f"backbone {node.get('name')} -> {name}{dropped}"
 
 
+def _drop_backbone_file(cfg: DictConfig, explicit: Mapping[str, Any], loaded: LoadedWeights) -> None:
+    """The weights hold the backbone: a configured ``backbone.pretrained`` file (maybe of another machine) would only
+    be read to be overwritten."""
+    backbone = cfg.get("backbone")
+    if isinstance(backbone, DictConfig) and backbone.get("pretrained") and "backbone.pretrained" not in explicit:
+        print(f"model.backbone.pretrained={backbone.pretrained} not loaded: the weights {loaded.path} replace it")
+        backbone.pretrained = None
+
+
 def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit: Mapping[str, Any]) -> DictConfig:
     """The model config to build for ``loaded`` (see the module docstring); prints what it changed.
 
@@ -92,6 +101,7 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
     if loaded.model_config:
         cfg = OmegaConf.create(loaded.model_config)
         with open_dict(cfg):
+            _drop_backbone_file(cfg, explicit, loaded)
             for key, value in explicit.items():
                 stored = OmegaConf.select(cfg, key, default=None)
                 if not _same(stored, value):
@@ -134,6 +144,7 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
                     f"({loaded.format}) hold a model whose model.{parent} has no such key"
                 )
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        _drop_backbone_file(cfg, explicit, loaded)
     if changes:
         print(f"model config from the weights {loaded.path} ({loaded.format}): " + "; ".join(changes), flush=True)
     return cfg
