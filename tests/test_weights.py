@@ -63,9 +63,9 @@ def tensors(model):
 
 
 # ------------------------------------------------------------------------------------------------ formats
-@pytest.mark.parametrize("container", ["pkl", "pth"])
-def test_detectron2_mask2former(tmp_path, container):
-    source = tiny_model("resnet", lpe=False, seed=0)
+@pytest.mark.parametrize("container, backbone", [("pkl", "resnet"), ("pth", "resnet"), ("pkl", "swin")])
+def test_detectron2_mask2former(tmp_path, container, backbone):
+    source = tiny_model(backbone, lpe=False, seed=0)
     d2 = to_detectron2(source)
     path = tmp_path / f"model_final.{container}"
     if container == "pkl":  # model-zoo layout: numpy arrays under "model"
@@ -77,7 +77,11 @@ def test_detectron2_mask2former(tmp_path, container):
     assert loaded.derived_overrides["encoder._target_"].endswith("M2FEncoder")
     model, cfg = build(loaded)
     assert (cfg.num_classes, cfg.num_queries, cfg.conv_dim, cfg.lpe) == (3, 4, 32, False)
-    assert cfg.backbone.model_name == "resnet26" and cfg.encoder.num_layers == 2 and cfg.encoder.n_heads == 4
+    assert cfg.encoder.num_layers == 2 and cfg.encoder.n_heads == 4
+    if backbone == "resnet":
+        assert cfg.backbone.model_name == "resnet26"
+    else:  # a small Swin: its sizes are read off the weights
+        assert (cfg.backbone.embed_dim, cfg.backbone.depths, cfg.backbone.num_heads) == (32, [1, 1, 2, 1], [1, 2, 4, 8])
     assert "schedule" not in cfg.encoder  # the PRO-SCALE node was replaced by the M2F one
     assert_same_outputs(model, source)
 

@@ -124,6 +124,16 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
     @property
+    def unexpected(self) -> list[str]:
+        """Alias of ``unused`` (the weights API's word)."""
+        return self.unused
+
+    @property
+    def reshaped(self) -> list[tuple[str, tuple, tuple]]:
+        """Alias of ``mismatched`` (the weights API's word)."""
+        return self.mismatched
+
+    @property
     def ok(self) -> bool:
         return not (self.missing or self.unused or self.mismatched)
 

@@ -148,6 +148,7 @@ def _backbone_overrides(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "backbone.strict_img_size": False,
         "backbone.always_partition": True,
         "backbone.output_norms": "backbone.output_norms.0.weight" in state,
+        "backbone._convert_": "all",  # timm wants plain lists for depths / heads, not OmegaConf's ListConfig
     }
 
 
