@@ -122,6 +122,10 @@ def test_train_weights_conflicting_override_names_both_values(run, tmp_path):
     cfg = cfg_for(run["root"], "conflict", f"weights={tmp_path / 'plain.pth'}", "model.encoder.schedule=[1,1,1]")
     with pytest.raises(ValueError, match=r"model\.encoder\.schedule=\[1,1,1\] .*plain\.pth.*schedule=\[3,3,3\]"):
         train(cfg)
+    cfg = cfg_for(run["root"], "conflict_group", f"weights={tmp_path / 'plain.pth'}", "model/encoder=m2f")
+    with pytest.raises(ValueError, match=r"model/encoder \(proscale.models.encoders.M2FEncoder\) .*plain\.pth.*"
+                       r"model\.encoder\._target_=proscale.models.encoders.ProScaleEncoder"):  # fmt: skip
+        train(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from proscale.weights.formats import LoadedWeights
 
 BACKBONE_TARGET = "proscale.models.backbones.build_backbone"
+# command-line group choices and the model-config key that identifies the chosen node
+GROUP_KEYS = {"model/encoder": "encoder._target_", "model/backbone": "backbone.name"}
+NODE_KEYS = tuple(GROUP_KEYS.values())
 
 
 def _plain(value: Any) -> Any:
@@ -56,9 +60,26 @@ def command_line_model_overrides() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
         key = override.key_or_group
-        if key.startswith("model.") and not override.is_delete():
+        if override.is_delete():
+            continue
+        if key.startswith("model."):
             out[key[len("model.") :]] = _plain(override.value())
+        elif key in GROUP_KEYS:  # a group choice: the key that tells its node apart, read from the group's file
+            choice = _group_value(key, str(override.value()))
+            if choice is not None:
+                out[GROUP_KEYS[key]] = choice
     return out
+
+
+def _group_value(group: str, name: str) -> Any:
+    """``model/encoder=m2f`` -> the ``_target_`` of conf/model/encoder/m2f.yaml (``name`` for backbones)."""
+    from proscale.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    return node.get("name") if group == "model/backbone" else node.get("_target_")
 
 
 def _switch_encoder(cfg: DictConfig, target: str) -> str | None:
@@ -80,6 +101,10 @@ def _switch_backbone(cfg: DictConfig, name: str) -> str | None:
     )
     cfg.backbone = {"_target_": node.get("_target_", BACKBONE_TARGET), "name": name, "pretrained": None}
     return f"backbone {node.get('name')} -> {name}{dropped}"
+
+
+def _group_of(key: str) -> str:
+    return next(group for group, node_key in GROUP_KEYS.items() if node_key == key)
 
 
 def _drop_backbone_file(cfg: DictConfig, explicit: Mapping[str, Any], loaded: LoadedWeights) -> None:
@@ -104,6 +129,11 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
             _drop_backbone_file(cfg, explicit, loaded)
             for key, value in explicit.items():
                 stored = OmegaConf.select(cfg, key, default=None)
+                if key in NODE_KEYS and not _same(stored, value):
+                    raise ValueError(
+                        f"{_group_of(key)} on the command line chooses {_show(value)}, but the weights {loaded.path} "
+                        f"store a model with {_show(stored)}; drop the override"
+                    )
                 if not _same(stored, value):
                     OmegaConf.update(cfg, key, value, merge=False, force_add=True)
                     print(
@@ -114,8 +144,13 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
     derived = {k: _plain(v) for k, v in (loaded.derived_overrides or {}).items()}
     for key, value in derived.items():
         if key in explicit and not _same(explicit[key], value):
+            given = (
+                f"{_group_of(key)} ({_show(explicit[key])})"
+                if key in NODE_KEYS
+                else f"model.{key}={_show(explicit[key])}"
+            )
             raise ValueError(
-                f"model.{key}={_show(explicit[key])} on the command line contradicts the weights {loaded.path} "
+                f"{given} on the command line contradicts the weights {loaded.path} "
                 f"({loaded.format}), which need model.{key}={_show(value)}; drop the override or use other weights"
             )
     cfg = cfg_model.copy()
