@@ -139,7 +139,8 @@ def finish_run(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any], tit
 def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:
     """``pretrain=semantic`` (conf/pretrain/): pre-train the backbone on the training split (or reuse the cached
     weights) and point ``model.backbone.pretrained`` at them. Skipped when the backbone already has a
-    checkpoint, when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every weight). Returns the pre-training info or None."""
+    checkpoint, when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every weight).
+    Returns the pre-training info or None."""
     if not cfg.get("pretrain") or cfg.model.backbone.get("pretrained") or cfg.get("ckpt_path") or cfg.get("weights"):
         return None
     from proscale.lightning.backbone_pretrain import pretrain_backbone
