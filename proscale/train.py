@@ -28,6 +28,8 @@ from proscale.utils.results import COMPUTE_KEYS, headline_metrics, write_results
 from proscale.utils.rich_utils import print_metrics_table
 from proscale.utils.run_info import hydra_runtime, run_tags, wandb_tag_list
 from proscale.utils.task import task_wrapper
+from proscale.weights import LoadedWeights, load_weights_into
+from proscale.weights.tasks import read_weights_from_cfg, training_model_config
 
 log = get_logger(__name__)
 
@@ -39,20 +41,28 @@ def set_num_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-def build_datamodule_and_module(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the data module, then the model sized to its classes, then the LightningModule."""
+def build_datamodule_and_module(
+    cfg: DictConfig, weights: LoadedWeights | None = None, load_weights: bool = True
+) -> tuple[Any, Any]:
+    """Instantiate the data module, then the model sized to its classes, then the LightningModule.
+
+    ``weights`` (:func:`proscale.weights.read_weights`): the model is built for them (stored config, or derived
+    overrides) and, when ``load_weights``, initialised from them before the module (and its EMA copy) exists.
+    """
     datamodule = hydra.utils.instantiate(cfg.data)
     meta = getattr(datamodule, "meta", None)
     if meta is None:
         raise ValueError(
             f"data module {type(datamodule).__name__} has no .meta (DatasetMeta); see proscale/structures.py"
         )
-    model_cfg = cfg.model.copy()
+    model_cfg = cfg.model.copy() if weights is None else training_model_config(cfg, weights, meta.num_classes)
     if "num_classes" in model_cfg and model_cfg.num_classes != meta.num_classes:
         log.info(f"model.num_classes {model_cfg.num_classes} -> {meta.num_classes} (from the dataset)")
     with open_dict(model_cfg):
         model_cfg.num_classes = meta.num_classes
     model = hydra.utils.instantiate(model_cfg)
+    if weights is not None and load_weights:
+        load_weights_into(model, weights, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     # Built as a partial and then called: Hydra would turn the DatasetMeta dataclass into a config node.
     module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
     module = module_factory(model=model, meta=meta, model_config=OmegaConf.to_container(model_cfg, resolve=True))
@@ -66,7 +76,8 @@ def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[s
     loggers = instantiate_loggers(cfg.get("logger"), wandb_overrides)
     if any("Wandb" in type(lg).__name__ for lg in loggers):
         callbacks.append(WandbExtras(summary={f"tag/{k}": v for k, v in tags.items() if v is not None}))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    checkpoint_io = AtomicCheckpointIO(allow_unsafe=bool(cfg.get("allow_unsafe_load", False)))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[checkpoint_io])
     run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # the hydra node is Hydra's, not the run's
     hparams = {"cfg": OmegaConf.to_container(OmegaConf.create(run_cfg), resolve=True), "tags": tags}
     for logger in loggers:
@@ -128,8 +139,9 @@ def finish_run(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any], tit
 def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:
     """``pretrain=semantic`` (conf/pretrain/): pre-train the backbone on the training split (or reuse the cached
     weights) and point ``model.backbone.pretrained`` at them. Skipped when the backbone already has a
-    checkpoint or when resuming (the checkpoint holds every weight). Returns the pre-training info or None."""
-    if not cfg.get("pretrain") or cfg.model.backbone.get("pretrained") or cfg.get("ckpt_path"):
+    checkpoint, when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every weight).
+    Returns the pre-training info or None."""
+    if not cfg.get("pretrain") or cfg.model.backbone.get("pretrained") or cfg.get("ckpt_path") or cfg.get("weights"):
         return None
     from proscale.lightning.backbone_pretrain import pretrain_backbone
 
@@ -153,12 +165,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # seeded after the (possibly cached) pre-training, so a run is the same whether it trained it or reused it
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, module = build_datamodule_and_module(cfg)
-
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir, cfg.paths.output_dir)
+    weights = read_weights_from_cfg(cfg)
+    if weights is not None and ckpt_path is not None:
+        log.info(f"resuming from {ckpt_path}: weights={weights.path} only sets the model config, not the weights")
+    datamodule, module = build_datamodule_and_module(cfg, weights, load_weights=ckpt_path is None)
+    del weights
+
     checkpoint = None
     if ckpt_path is not None:
-        checkpoint = load_checkpoint_cpu(ckpt_path)
+        checkpoint = load_checkpoint_cpu(ckpt_path, allow_unsafe=bool(cfg.get("allow_unsafe_load", False)))
         check_state_dict_fits(module, checkpoint, ckpt_path)
         log.info(f"resuming from {ckpt_path}")
     tags = run_tags(cfg)

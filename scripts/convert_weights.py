@@ -1,36 +1,40 @@
 #!/usr/bin/env python
-"""Convert Mask2Former weights to proscale names.
+"""Convert Mask2Former / PRO-SCALE weights of any supported layout to proscale names.
 
-    python scripts/convert_weights.py --src model_final.pkl --format detectron2 --out m2f_r50.pth
-    python scripts/convert_weights.py --src model.safetensors --format hf --out m2f_swin_t.pth
-    python scripts/convert_weights.py --src proscale_r50_333.pth --format proscale --out proscale_r50.pth
+    python scripts/convert_weights.py --src model_final.pkl --out m2f_r50.safetensors
+    python scripts/convert_weights.py --src hf_mask2former_folder/ --out m2f_swin_t.safetensors
+    python scripts/convert_weights.py --src proscale_r50_333.pth --format proscale --out proscale_r50.safetensors
 
-``--src``: a detectron2 / Mask2Former model-zoo ``.pkl`` (numpy arrays under "model"), a ``.pth`` / ``.pt`` /
-``.ckpt`` or a ``.safetensors`` file. ``--format``: ``hf`` (transformers' Mask2FormerForUniversalSegmentation)
-or ``detectron2`` (the original implementation) or ``proscale`` (the official PRO-SCALE release: flat encoder
-layers, TRC, LPE; the schedule and the Hydra overrides that rebuild the model are printed). ``--out``: ``.pth`` (or ``.safetensors``), written
-atomically. Load the result with ``proscale.convert.load_into(model, torch.load(out))``, which reports
-missing / unused keys and refuses partial loads unless asked. Bad input exits with status 2 and a message
-naming the file.
+``--src``: a file or a Hugging Face Mask2Former folder; the layout is found by content
+(:func:`proscale.weights.read_weights`): this project's Lightning checkpoint (EMA weights when its run evaluated
+with EMA; ``--raw`` for the others), a plain state dict, the official PRO-SCALE release, detectron2 / official
+Mask2Former (``.pkl`` or ``.pth``), Hugging Face. ``--format`` is optional; when given it must match the content.
+``--out`` (default: ``<src>_proscale.safetensors``): ``.safetensors`` is preferred (it cannot hold code, and its
+header keeps the model config / derived overrides, so ``weights=OUT`` rebuilds the same model); ``.pth`` writes a
+plain ``{name: tensor}`` file. Written atomically. The overrides that rebuild the model are printed.
+Pickles that need arbitrary unpickling are refused unless ``--unsafe`` (only for files you trust). Bad input exits
+with status 2 and a message naming the file; nothing is written then.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proscale.convert import (  # noqa: E402
-    detectron2_to_proscale,
-    hf_to_proscale,
-    official_encoder_config,
-    proscale_official_to_proscale,
-)
-from proscale.convert.io import read_state_dict, write_state_dict  # noqa: E402
+from proscale.convert.io import write_state_dict  # noqa: E402
+from proscale.weights import FORMATS, LoadedWeights, read_weights  # noqa: E402
+from proscale.weights.architecture import M2F_ENCODER, PROSCALE_ENCODER  # noqa: E402
+from proscale.weights.formats import METADATA_PREFIX  # noqa: E402
 
-CONVERTERS = {"hf": hf_to_proscale, "detectron2": detectron2_to_proscale, "proscale": proscale_official_to_proscale}
+# --format names: the content-detected names, plus "proscale" for the official PRO-SCALE release
+FORMAT_ALIASES = {"proscale": "proscale_official", **{name: name for name in FORMATS}}
+ENCODER_GROUPS = {M2F_ENCODER: "m2f", PROSCALE_ENCODER: "proscale"}
 
 
 def _override_value(value: object) -> str:
@@ -42,29 +46,81 @@ def _override_value(value: object) -> str:
     return str(value)
 
 
+def hydra_overrides(derived: dict) -> list[str]:
+    """Derived overrides as command-line overrides (``model/encoder=proscale model.encoder.schedule=[3,3,3] ...``)."""
+    out = []
+    for key, value in derived.items():
+        if key == "encoder._target_":
+            out.append(f"model/encoder={ENCODER_GROUPS.get(value, value)}")
+        elif key == "backbone.name":
+            out.append(f"model/backbone={value}")
+        else:
+            out.append(f"model.{key}={_override_value(value)}")
+    return out
+
+
+def write_converted(loaded: LoadedWeights, out: Path) -> Path:
+    """``.safetensors`` with the model config / derived overrides in its header, or a plain ``torch.save``."""
+    if out.suffix.lower() != ".safetensors":
+        return write_state_dict(loaded.state_dict, out)
+    from safetensors.torch import save_file
+
+    metadata = {METADATA_PREFIX + "source_format": loaded.format}
+    for field in ("model_config", "derived_overrides", "meta", "inference", "test_transforms"):
+        value = getattr(loaded, field)
+        if value:
+            metadata[METADATA_PREFIX + field] = json.dumps(value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.state_dict.items()}
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="checkpoint to convert (.pkl, .pth, .pt, .ckpt, .safetensors)")
-    parser.add_argument("--format", required=True, choices=sorted(CONVERTERS), help="naming of --src")
-    parser.add_argument("--out", required=True, help="output file (.pth or .safetensors)")
+    parser.add_argument("--src", required=True, help="weight file or Hugging Face folder to convert")
+    parser.add_argument(
+        "--format", choices=sorted(FORMAT_ALIASES), help="expected layout of --src (optional: found by content)"
+    )
+    parser.add_argument(
+        "--out", help="output file (.safetensors preferred, or .pth); default <src>_proscale.safetensors"
+    )
+    parser.add_argument("--raw", action="store_true", help="Lightning checkpoints: the raw weights, not the EMA ones")
+    parser.add_argument(
+        "--unsafe", action="store_true", help="allow pickles that need arbitrary unpickling (they can run code)"
+    )
     args = parser.parse_args(argv)
+    src = Path(args.src)
+    out = Path(args.out) if args.out else src.with_name(src.stem + "_proscale.safetensors")
     try:
-        state = read_state_dict(args.src)
-        converted = CONVERTERS[args.format](state)
-        if args.format == "proscale":
-            settings = official_encoder_config(state)
-            lpe = settings.pop("lpe")
-            overrides = ["model/encoder=proscale", f"model.lpe={str(lpe).lower()}"]
-            overrides += [f"model.encoder.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in settings.items()]
-            print(
-                "build the model with: "
-                + " ".join(overrides).replace(", ", ",").replace("True", "true").replace("False", "false")
+        if out.resolve() == src.resolve():
+            raise ValueError(f"--out {out} is --src: choose another output file")
+        loaded = read_weights(src, use_ema=not args.raw, allow_unsafe=args.unsafe)
+        if args.format and FORMAT_ALIASES[args.format] != loaded.format:
+            raise ValueError(
+                f"--format {args.format} but {src} holds {loaded.format} weights (found by content); drop --format "
+                "or pass the right file"
             )
-        out = write_state_dict(converted, args.out)
-    except ValueError as err:
+        if loaded.model_config:
+            print(
+                f"{src}: this project's checkpoint; its model config is stored"
+                + (" (EMA weights)" if loaded.ema else "")
+            )
+        elif loaded.derived_overrides:
+            print("build the model with: " + " ".join(hydra_overrides(loaded.derived_overrides)))
+        written = write_converted(loaded, out)
+    except ValueError as err:  # UnsafeFileError included: it names the file and --unsafe
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"converted {len(state)} tensors from {args.src} ({args.format}) -> {len(converted)} tensors in {out}")
+    note = "" if written.suffix == ".safetensors" else " (.safetensors is preferred: it keeps the overrides above)"
+    print(f"converted {src} ({loaded.format}) -> {len(loaded.state_dict)} tensors in {written}{note}")
     return 0
 
 

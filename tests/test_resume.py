@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from proscale.utils.safe_load import torch_load
+
 REPO = Path(__file__).resolve().parent.parent
 
 # 4 training images, batch 2: 2 steps per epoch; 3 epochs = 6 steps. Killed at step 3 = mid epoch 1.
@@ -42,13 +44,13 @@ def _run(log_dir: Path, data_dir: Path, run_dir: Path, *overrides: str) -> subpr
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch_load(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
 
 
 def _assert_complete_files(run_dir: Path) -> None:
     """Every checkpoint loads and results.json (if any) parses; no temporary files are left behind."""
     for checkpoint in run_dir.rglob("*.ckpt"):
-        torch.load(checkpoint, map_location="cpu", weights_only=False)
+        torch_load(checkpoint)
     for results in run_dir.rglob("results.json"):
         json.loads(results.read_text())
     assert not [p for p in run_dir.rglob(".*.tmp-*")]
@@ -74,7 +76,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert crash.returncode == -signal.SIGKILL, crash.stderr[-3000:]
     assert not (killed / "results.json").exists()  # died before the end: nothing claims to be final
     _assert_complete_files(killed)
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2  # end of epoch 0
+    assert torch_load(killed / "checkpoints" / "last.ckpt")["global_step"] == 2  # end of epoch 0
 
     # `ckpt_path=last` picks the newest last.ckpt of this experiment: the killed run's (newer than a_uninterrupted).
     os.utime(killed / "checkpoints" / "last.ckpt")
@@ -86,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert json.loads((resumed / "results.json").read_text())["status"] == "ok"
 
     expected, actual = _weights(uninterrupted), _weights(resumed)
-    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert torch_load(resumed / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert set(expected) == set(actual)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

@@ -23,6 +23,7 @@ from proscale.train import train
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.io import atomic_torch_save, atomic_write_json
 from proscale.utils.results import read_results
+from proscale.utils.safe_load import torch_load
 
 TINY = ["experiment=tiny", "num_threads=1", "trainer.enable_progress_bar=false"]
 
@@ -214,7 +215,7 @@ def test_results_json_and_checkpoints(trained_run):
     }
     checkpoints = trained_run["run_dir"] / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file() and Path(results["best_checkpoint"]).is_file()
-    checkpoint = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    checkpoint = torch_load(results["best_checkpoint"])
     assert checkpoint["hyper_parameters"]["meta"]["class_names"]  # predict needs no dataset
     assert checkpoint["hyper_parameters"]["model_config"]["encoder"]["schedule"] == [3, 3, 3]
 
@@ -273,7 +274,7 @@ def test_predict_writes_overlays_and_coco_json(trained_run, data_dir, tmp_path):
     assert np.asarray(Image.open(overlays[0])).shape == (60, 80, 3)  # at the input image's size
     coco = json.loads((tmp_path / "pred" / "panoptic_pred.json").read_text())
     assert [a["file_name"] for a in coco["annotations"]] == ["img0.png", "img1.png"]
-    checkpoint = torch.load(trained_run["results"]["best_checkpoint"], map_location="cpu", weights_only=False)
+    checkpoint = torch_load(trained_run["results"]["best_checkpoint"])
     class_names = checkpoint["hyper_parameters"]["meta"]["class_names"]
     assert [c["name"] for c in coco["categories"]] == class_names
     for annotation in coco["annotations"]:

@@ -5,13 +5,14 @@ Formats read by :func:`read_state_dict`:
 - ``.pth`` / ``.pt`` / ``.ckpt``: ``torch.save`` files; a Lightning checkpoint's ``"state_dict"`` or a
   ``"model"`` entry is unwrapped;
 - ``.safetensors``.
+Pickles never run code unless the caller opts in (:mod:`proscale.utils.safe_load`). Finding the format by content
+and the model it needs: :func:`proscale.weights.read_weights`.
 Every failure raises ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,40 +22,38 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from proscale.utils.safe_load import UnsafeFileError, load_pickle, torch_load
+
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (see the module docstring)."""
+def read_state_dict(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (see the module docstring).
+
+    Pickles load safely (:mod:`proscale.utils.safe_load`): a file that needs arbitrary unpickling raises
+    :class:`~proscale.utils.safe_load.UnsafeFileError` naming it, unless ``allow_unsafe``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {path} does not exist")
     suffix = path.suffix.lower()
     try:
         if suffix == ".pkl":
-            with path.open("rb") as f:
-                raw = pickle.load(f, encoding="latin1")
+            raw = load_pickle(path, allow_unsafe=allow_unsafe)
         elif suffix in TORCH_SUFFIXES:
-            raw = _torch_load(path)
+            raw = torch_load(path, allow_unsafe=allow_unsafe)
         elif suffix == ".safetensors":
             from safetensors.torch import load_file
 
             raw = load_file(str(path))
         else:
             raise ValueError(f"unknown checkpoint format {suffix!r} (use .pkl, .pth, .pt, .ckpt or .safetensors)")
+    except UnsafeFileError:
+        raise
     except ValueError as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     except Exception as err:  # corrupt / truncated files raise many different types
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     return _as_tensor_dict(_unwrap(raw, path), path)
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints also pickle hyper-parameters (e.g. OmegaConf objects): the user chose the file
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _unwrap(raw: object, path: Path) -> Mapping:
@@ -125,6 +124,16 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
     @property
+    def unexpected(self) -> list[str]:
+        """Alias of ``unused`` (the weights API's word)."""
+        return self.unused
+
+    @property
+    def reshaped(self) -> list[tuple[str, tuple, tuple]]:
+        """Alias of ``mismatched`` (the weights API's word)."""
+        return self.mismatched
+
+    @property
     def ok(self) -> bool:
         return not (self.missing or self.unused or self.mismatched)
 
@@ -137,27 +146,33 @@ class LoadReport:
         )
 
 
+def fit_report(model: nn.Module, state: Mapping[str, Tensor]) -> LoadReport:
+    """Missing / unused / mis-shaped keys of ``state`` for ``model`` (BatchNorm step counters never count)."""
+    target = model.state_dict()
+    report = LoadReport()
+    report.missing = [k for k in target if k not in state and not k.endswith(IGNORED_SUFFIXES)]
+    report.unused = [k for k in state if k not in target and not k.endswith(IGNORED_SUFFIXES)]
+    report.mismatched = [
+        (key, tuple(value.shape), tuple(target[key].shape))
+        for key, value in state.items()
+        if key in target and tuple(value.shape) != tuple(target[key].shape)
+    ]
+    return report
+
+
 def load_into(model: nn.Module, state: Mapping[str, Tensor], allow_partial: bool = False) -> LoadReport:
     """Copy ``state`` into ``model`` and report missing / unused / mis-shaped keys.
 
     Raises ValueError listing them unless ``allow_partial``; then every fitting key is loaded and the
     report returned. BatchNorm ``num_batches_tracked`` counters are never reported.
     """
-    target = model.state_dict()
-    report = LoadReport()
-    report.missing = [k for k in target if k not in state and not k.endswith(IGNORED_SUFFIXES)]
-    report.unused = [k for k in state if k not in target and not k.endswith(IGNORED_SUFFIXES)]
-    fitting = {}
-    for key, value in state.items():
-        if key in target:
-            if tuple(value.shape) == tuple(target[key].shape):
-                fitting[key] = value
-            else:
-                report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+    report = fit_report(model, state)
     if not report.ok and not allow_partial:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: {report}")
-    model.load_state_dict(fitting, strict=False)
+    reshaped = {key for key, _, _ in report.mismatched}
+    target = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in target and k not in reshaped}, strict=False)
     return report
 
 
-__all__ = ["LoadReport", "load_into", "read_state_dict", "strip_common_prefix", "write_state_dict"]
+__all__ = ["LoadReport", "fit_report", "load_into", "read_state_dict", "strip_common_prefix", "write_state_dict"]

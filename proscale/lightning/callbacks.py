@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from proscale.utils.io import atomic_torch_save
 from proscale.utils.logging_utils import get_logger
+from proscale.utils.safe_load import torch_load
 from proscale.utils.visualize import panoptic_overlay
 
 log = get_logger(__name__)
@@ -39,7 +40,19 @@ WANDB_RUN_ID_KEY = "wandb_run_id"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.tmp-<pid>`` in the same folder, fsync, then ``os.replace`` onto the target."""
+    """``torch.save`` to ``.<name>.tmp-<pid>`` in the same folder, fsync, then ``os.replace`` onto the target.
+
+    Loads (``trainer.fit/test(ckpt_path=...)``) go through :func:`proscale.utils.safe_load.torch_load`: a checkpoint
+    that needs arbitrary unpickling is refused unless ``allow_unsafe`` (``allow_unsafe_load=true``).
+    """
+
+    def __init__(self, allow_unsafe: bool = False) -> None:
+        super().__init__()
+        self.allow_unsafe = allow_unsafe
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning's default maps every storage to the CPU; the strategy moves the states where they belong
+        return torch_load(path, allow_unsafe=self.allow_unsafe, map_location=map_location or "cpu")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:

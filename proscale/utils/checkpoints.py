@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from proscale.utils.safe_load import UnsafeFileError, torch_load
 
 LAST_NAME = "last.ckpt"
 MAX_LISTED_KEYS = 15
@@ -45,10 +47,16 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | os.PathLike, output
     return str(ckpt_path)
 
 
-def load_checkpoint_cpu(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint on CPU (memory-mapped, so peeking at a big file is cheap)."""
+def load_checkpoint_cpu(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint on CPU (memory-mapped, so peeking at a big file is cheap).
+
+    Safe by default (``weights_only`` with the project's plain classes allowed): a file that needs arbitrary
+    unpickling raises :class:`~proscale.utils.safe_load.UnsafeFileError` naming it and the opt-in."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        # torch can memory-map only its zip format; older or foreign files are read whole
+        return torch_load(path, allow_unsafe=allow_unsafe, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    except UnsafeFileError:
+        raise
     except Exception as error:
         raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
 

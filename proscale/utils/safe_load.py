@@ -113,10 +113,17 @@ def torch_load(
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # torch words the refused global as "Unsupported global: GLOBAL module.name" (or a forbidden opcode)
-        detail = str(error).split("\n")[0]
-        if "Weights only load failed" in str(error) or "Unsupported" in detail:
-            what = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), detail)
-            raise _refusal(path, f"unrestricted unpickling ({what})") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        refused_global = next((line for line in lines if "GLOBAL" in line), None)
+        if refused_global:
+            raise _refusal(path, f"unrestricted unpickling ({refused_global})") from None
+        if "Weights only load failed" in str(error) or any("Unsupported" in line for line in lines):
+            # an opcode outside the safe subset: a corrupt file, or one written in a way only full pickle reads
+            detail = next((line for line in lines if "Unsupported" in line), lines[-1] if lines else "")
+            raise ValueError(
+                f"cannot read {path}: not a valid torch file, or one that needs unrestricted unpickling ({detail}). "
+                f"If it is a file you trust, pass {UNSAFE_OPT_IN}."
+            ) from None
         raise
 
 
