@@ -10,6 +10,7 @@ replaces it and ``PROSCALE_CONFIG_PATH`` adds user config folders (see :mod:`pro
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,9 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
-def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
+def _hydra_app(config_name: str, task_path: str) -> Callable[[], Any]:
+    """The Hydra app of ``conf/<config_name>.yaml`` running ``task_path`` (``"module:function"``, imported only when
+    the app runs, so that ``--help`` and ``--cfg`` answer without importing torch)."""
     if not (Path(CONFIG_DIR) / f"{config_name}.yaml").is_file():
         raise SystemExit(
             f"proscale: no {config_name}.yaml in the config directory {CONFIG_DIR} (set PROSCALE_CONFIG_DIR to a "
@@ -53,6 +56,8 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]
 
         retain_freed_memory()  # large CPU activations reuse warm memory (see proscale/utils/cpu_memory.py)
         apply_extras(cfg)
+        module_name, function_name = task_path.split(":")
+        task: Callable[[DictConfig], tuple[dict, dict]] = getattr(importlib.import_module(module_name), function_name)
         metrics, _ = task(cfg)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).
         name = cfg.get("optimized_metric")
@@ -62,21 +67,15 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]
 
 
 def train_main() -> None:
-    from proscale.train import train
-
-    _hydra_app("train", train)()
+    _hydra_app("train", "proscale.train:train")()
 
 
 def eval_main() -> None:
-    from proscale.evaluate import evaluate
-
-    _hydra_app("eval", evaluate)()
+    _hydra_app("eval", "proscale.evaluate:evaluate")()
 
 
 def predict_main() -> None:
-    from proscale.predict import predict
-
-    _hydra_app("predict", predict)()
+    _hydra_app("predict", "proscale.predict:predict")()
 
 
 # `proscale <app>` / `python -m proscale <app>` (proscale/__main__.py): name -> (entry point, one-line summary).
