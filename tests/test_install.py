@@ -89,6 +89,9 @@ def test_installed_wheel_trains_and_evaluates_from_another_directory(wheel, tmp_
     assert Path(config_dir) == target / "proscale" / "conf"
     assert Path(project_root) == work
 
+    help_text = _run([str(target / "bin" / "proscale"), "predict", "--help"], work, env).stdout
+    assert "proscale predict: segment" in help_text  # the `proscale` console script and the packaged help config
+
     _run([sys.executable, "-m", "proscale", "train", *TINY], work, env)
     (train_results,) = (work / "logs" / "train" / "runs" / "tiny").glob("*/results.json")
     assert (work / "data" / "synthetic_tiny" / "annotations" / "panoptic_val.json").is_file()
