@@ -1,4 +1,5 @@
-# proscale: every target installs what it needs into .venv first (idempotent, re-run when pyproject changes).
+# proscale: every target installs what it needs into .venv first (idempotent, re-run when pyproject.toml or
+# constraints.txt changes). constraints.txt pins the exact versions CI tests; pyproject.toml holds the ranges.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,15 +8,19 @@ export MPLBACKEND ?= Agg
 export WANDB_MODE ?= offline
 export HYDRA_FULL_ERROR ?= 1
 
-.PHONY: install test test-all lint train ablation flops-table bench clean
+.PHONY: install constraints test test-all lint train ablation flops-table bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+## Rewrite constraints.txt from what .venv holds (after `$(PY) -m pip install -e '.[dev]'` with changed dependencies).
+constraints:
+	$(PY) scripts/update_constraints.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

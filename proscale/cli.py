@@ -1,13 +1,16 @@
-"""Console scripts ``proscale-train`` / ``proscale-eval`` / ``proscale-predict`` (also run by ``scripts/*.py``).
+"""The apps: ``proscale <train|eval|predict>``, ``python -m proscale <app>``, ``proscale-train`` / ``proscale-eval`` /
+``proscale-predict``, and ``scripts/*.py``: all the same Hydra apps.
 
-Each is a Hydra app over ``conf/`` (``train.yaml``, ``eval.yaml``, ``predict.yaml``); every Hydra override works,
-e.g. ``proscale-train experiment=cpu_synthetic trainer.max_steps=50`` or ``proscale-train -m seed=1,2``.
-``PROJECT_ROOT`` (default: the repository holding this package) anchors ``paths.root_dir``; set
-``PROSCALE_CONFIG_DIR`` to use another config tree.
+Each is a Hydra app over the config tree (``train.yaml``, ``eval.yaml``, ``predict.yaml``); every Hydra override
+works, e.g. ``proscale train experiment=cpu_synthetic trainer.max_steps=50`` or ``proscale train -m seed=1,2``.
+The config tree is the checkout's ``conf/`` or, when installed, the copy inside the package; ``PROSCALE_CONFIG_DIR``
+replaces it and ``PROSCALE_CONFIG_PATH`` adds user config folders (see :mod:`proscale.config_paths`).
+``PROJECT_ROOT`` (default: the checkout, else the working directory) anchors ``paths.root_dir`` (``logs/``, ``data/``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -17,9 +20,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = os.environ.get("PROSCALE_CONFIG_DIR") or str(REPO_ROOT / "conf")
-os.environ.setdefault("PROJECT_ROOT", str(REPO_ROOT))
+from proscale.config_paths import REPO_ROOT, config_dir, default_project_root, register_search_path_plugin  # noqa: F401
+
+CONFIG_DIR = config_dir()
+os.environ.setdefault("PROJECT_ROOT", str(default_project_root()))
+register_search_path_plugin()
 # No network at run time unless the user opts in: W&B logs offline, Hugging Face never queries the hub.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,13 +41,23 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
-def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
+def _hydra_app(config_name: str, task_path: str) -> Callable[[], Any]:
+    """The Hydra app of ``conf/<config_name>.yaml`` running ``task_path`` (``"module:function"``, imported only when
+    the app runs, so that ``--help`` and ``--cfg`` answer without importing torch)."""
+    if not (Path(CONFIG_DIR) / f"{config_name}.yaml").is_file():
+        raise SystemExit(
+            f"proscale: no {config_name}.yaml in the config directory {CONFIG_DIR} (set PROSCALE_CONFIG_DIR to a "
+            "complete config tree, e.g. the repository's conf/, or unset it)"
+        )
+
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
         from proscale.utils.cpu_memory import retain_freed_memory
 
         retain_freed_memory()  # large CPU activations reuse warm memory (see proscale/utils/cpu_memory.py)
         apply_extras(cfg)
+        module_name, function_name = task_path.split(":")
+        task: Callable[[DictConfig], tuple[dict, dict]] = getattr(importlib.import_module(module_name), function_name)
         metrics, _ = task(cfg)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).
         name = cfg.get("optimized_metric")
@@ -52,18 +67,21 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]
 
 
 def train_main() -> None:
-    from proscale.train import train
-
-    _hydra_app("train", train)()
+    _hydra_app("train", "proscale.train:train")()
 
 
 def eval_main() -> None:
-    from proscale.evaluate import evaluate
-
-    _hydra_app("eval", evaluate)()
+    _hydra_app("eval", "proscale.evaluate:evaluate")()
 
 
 def predict_main() -> None:
-    from proscale.predict import predict
+    _hydra_app("predict", "proscale.predict:predict")()
 
-    _hydra_app("predict", predict)()
+
+# `proscale <app>` / `python -m proscale <app>` (proscale/__main__.py): name -> (entry point, one-line summary).
+# Each app's `--help` (conf/hydra/help/<app>.yaml) says what it does and lists its main options.
+APPS: dict[str, tuple[Callable[[], None], str]] = {
+    "train": (train_main, "train a model (Hydra overrides, -m for sweeps), then test its best checkpoint"),
+    "eval": (eval_main, "score a checkpoint on the test split (or validation when there is none)"),
+    "predict": (predict_main, "segment images with a checkpoint: overlays + COCO panoptic PNG/JSON"),
+}
