@@ -245,6 +245,26 @@ def test_pretrained_true_offline_fails_at_once_naming_the_option(tmp_path, monke
     assert "HF_HUB_OFFLINE" in message and "resnet50" in message
 
 
+def test_pretrained_true_loads_through_timms_own_hub_loading(monkeypatch):
+    """The download itself is replaced (no network in tests); everything after it is timm's own loading."""
+    import timm.models._builder as timm_builder
+
+    torch.manual_seed(4)
+    source = randomize_constants_(timm.create_model("resnet18", pretrained=False))
+    requested = []
+
+    def fake_hub_fetch(repo, *args, **kwargs):
+        requested.append(repo)
+        return {k: v.clone() for k, v in source.state_dict().items()}
+
+    monkeypatch.setattr(timm_builder, "load_state_dict_from_hf", fake_hub_fetch)
+    images = torch.randn(RESNET_INPUT)
+    with torch.no_grad():
+        expected = resnet_stage_features(source, images)
+    assert_features_equal(build_backbone("timm", model_name="resnet18", pretrained=True), expected, images)
+    assert requested and str(requested[0]).startswith("timm/resnet18")
+
+
 @pytest.mark.parametrize(
     ("value", "choice"),
     [
@@ -272,6 +292,12 @@ def test_pretrained_none_builds_random_weights_without_reading_a_file(tmp_path, 
     torch.manual_seed(0)
     b = build_backbone("timm", model_name="resnet18", pretrained=None)
     assert torch.equal(a.body.conv1.weight, b.body.conv1.weight)
+
+
+def test_frozen_batchnorm_from_scratch_warns(caplog):
+    with caplog.at_level("WARNING", logger="proscale.models.backbones"):
+        build_backbone("timm", model_name="resnet18", pretrained="none", freeze_bn=True)
+    assert "freeze_bn=false" in caplog.text
 
 
 def _compose(experiment: str, tmp_path: Path, *overrides: str):

@@ -50,18 +50,21 @@ _LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _CAFFE2_NAME = re.compile(r"^(conv1_[wb]|res_conv1_bn_\w+|res\d+_\d+_branch\w+|fc1000_[wb])$")
 _DETECTRON2_NAME = re.compile(r"^(stem\.|res[2-5]\.)")
 
+# where to get ImageNet weights, by timm model name
 WEIGHT_SOURCES = {
-    "r50": (
+    "resnet50": (
         "detectron2's torchvision-converted R-50.pkl (what Mask2Former starts from): "
         "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl, or torchvision's "
         "https://download.pytorch.org/models/resnet50-0676ba61.pth, or a timm resnet50 .pth/.safetensors"
     ),
-    "swin_t": (
+    "swin_tiny_patch4_window7_224": (
         "the official Swin-T ImageNet-1k file (what Mask2Former starts from): "
         "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth, "
         "or a timm swin_tiny_patch4_window7_224 .pth/.safetensors"
     ),
 }
+# the timm model behind each named backbone of proscale.models.backbones
+_TIMM_MODEL = {"r50": "resnet50", "swin_t": "swin_tiny_patch4_window7_224"}
 
 
 def pretrained_choice(value: Any) -> str | None:
@@ -170,13 +173,19 @@ def read_backbone_state_dict(path: str | os.PathLike, allow_unsafe: bool = False
     return state, "torch"
 
 
-def weight_sources(backbone_cfg: Mapping[str, Any]) -> str:
-    """Where to get ImageNet weights for this backbone config (``name`` r50 / swin_t / timm + ``model_name``)."""
+def timm_model_name(backbone_cfg: Mapping[str, Any]) -> str:
+    """The timm model of a ``model.backbone`` config (``name`` r50 / swin_t, or timm + ``model_name``)."""
     name = str(backbone_cfg.get("name", ""))
-    if name in WEIGHT_SOURCES:
-        return WEIGHT_SOURCES[name]
-    model = backbone_cfg.get("model_name", name)
-    return f"timm's {model} weights (model.safetensors of its timm/{model}.* repository on the Hugging Face hub)"
+    return _TIMM_MODEL.get(name, str(backbone_cfg.get("model_name", name)))
+
+
+def weight_sources(model_name: str) -> str:
+    """Where to get ImageNet weights for a timm model (a sentence for error messages)."""
+    if model_name in WEIGHT_SOURCES:
+        return WEIGHT_SOURCES[model_name]
+    return (
+        f"timm's {model_name} weights (model.safetensors of a timm/{model_name}.* repository on the Hugging Face hub)"
+    )
 
 
 def require_backbone_weights(cfg: Any) -> None:
@@ -193,7 +202,7 @@ def require_backbone_weights(cfg: Any) -> None:
         return
     raise ValueError(
         f"experiment {cfg.get('experiment_name')!r} starts from ImageNet backbone weights (paper numbers need them), "
-        f"and model.backbone.pretrained is not set. Get them (nothing is downloaded here): {weight_sources(backbone)}; "
+        f"and model.backbone.pretrained is not set. Get them (nothing is downloaded here): {weight_sources(timm_model_name(backbone))}; "
         "then pass model.backbone.pretrained=/path/to/file. Or model.backbone.pretrained=true to let timm download "
         "its weights (needs network and HF_HUB_OFFLINE=0), or model.backbone.pretrained=none to train from scratch "
         "on purpose."
@@ -209,5 +218,6 @@ __all__ = [
     "pretrained_choice",
     "read_backbone_state_dict",
     "require_backbone_weights",
+    "timm_model_name",
     "weight_sources",
 ]

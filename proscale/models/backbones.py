@@ -17,6 +17,7 @@ Module names: ``body`` is the timm ``features_only`` network (so timm names insi
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -27,9 +28,16 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
-from proscale.models.backbone_weights import FROM_FILE, FROM_HUB, pretrained_choice, read_backbone_state_dict
+from proscale.models.backbone_weights import (
+    FROM_FILE,
+    FROM_HUB,
+    pretrained_choice,
+    read_backbone_state_dict,
+    weight_sources,
+)
 from proscale.registry import Registry
 
+log = logging.getLogger(__name__)  # the models stay free of Lightning imports
 BACKBONES = Registry("backbone")
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 EXPECTED_STRIDES = (4, 8, 16, 32)
@@ -118,6 +126,11 @@ class TimmBackbone(nn.Module):
         elif choice == FROM_HUB:
             self.load_from_hub()
         if freeze_bn:
+            if choice not in (FROM_FILE, FROM_HUB):
+                log.warning(
+                    f"backbone {model_name!r}: freeze_bn=true with random weights keeps BatchNorm at its initial "
+                    "statistics (mean 0, var 1) for the whole run; from scratch, model.backbone.freeze_bn=false trains them"
+                )
             self.body = timm.layers.freeze_batch_norm_2d(self.body)
 
     def _classifier(self, pretrained: bool = False) -> nn.Module:
@@ -137,17 +150,18 @@ class TimmBackbone(nn.Module):
             full = self._classifier(pretrained=True)
         except Exception as error:  # hub / network errors come in many types; the cause stays chained
             offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-            why = (
-                "HF_HUB_OFFLINE=1 (proscale's apps set it unless it is already set; HF_HUB_OFFLINE=0 allows downloads)"
-                if offline
-                else "no network?"
-            )
+            detail = (str(error).splitlines() or [""])[0]
             raise ValueError(
-                f"model.backbone.pretrained=true: timm could not get the ImageNet weights of {self.model_name!r} from "
-                f"the Hugging Face hub ({why}): {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
-                "Download them elsewhere and pass the local file: model.backbone.pretrained=/path/to/file "
-                "(detectron2 .pkl, torchvision / timm .pth or .safetensors, official Swin .pth), or "
-                "model.backbone.pretrained=none to train from scratch."
+                f"model.backbone.pretrained=true: timm could not download the ImageNet weights of {self.model_name!r} "
+                f"from the Hugging Face hub ({type(error).__name__}: {detail}). "
+                + (
+                    "The apps run offline (HF_HUB_OFFLINE=1, set unless already set; HF_HUB_OFFLINE=0 allows "
+                    "downloads). "
+                    if offline
+                    else ""
+                )
+                + f"Pass a local file instead: model.backbone.pretrained=/path/to/file, e.g. "
+                f"{weight_sources(self.model_name)}; or model.backbone.pretrained=none to train from scratch."
             ) from error
         self.load_classifier_state(full.state_dict(), f"timm hub weights of {self.model_name!r}")
 
