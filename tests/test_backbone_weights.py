@@ -163,7 +163,8 @@ def test_official_swin_t_pth(tmp_path):
     assert_features_equal(build_backbone("swin_t", pretrained=str(path)), expected, images)
 
 
-def test_caffe2_pkl_is_refused(tmp_path):
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_caffe2_pkl_is_refused(tmp_path, protocol):
     arrays = {
         "conv1_w": np.zeros((64, 3, 7, 7), np.float32),
         "res_conv1_bn_s": np.ones(64, np.float32),
@@ -171,8 +172,8 @@ def test_caffe2_pkl_is_refused(tmp_path):
         "res2_0_branch2a_w": np.zeros((64, 64, 1, 1), np.float32),
     }
     path = tmp_path / "R-50.pkl"
-    # the MSRA file as detectron2 reads it: caffe2 blob names under "blobs", Python 2 pickle protocol
-    path.write_bytes(pickle.dumps({"blobs": arrays}, protocol=2))
+    # the MSRA file as detectron2 reads it: caffe2 blob names under "blobs" (with non-array entries besides)
+    path.write_bytes(pickle.dumps({"blobs": {**arrays, "lr": 0.1}}, protocol=protocol))
     with pytest.raises(ValueError, match=r"caffe2.*BGR.*torchvision/R-50\.pkl") as error:
         build_backbone("r50", pretrained=str(path))
     assert str(path) in str(error.value)

@@ -93,7 +93,8 @@ def _read_raw(path: Path, allow_unsafe: bool) -> Any:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    if head[:1] == b"\x80":  # a pickle (protocol >= 2): a .pkl file, or torch.save's legacy format
+    # a pickle (protocol >= 2, or a dict / list in protocol 0 / 1): a .pkl file, or torch.save's legacy format
+    if head[:1] in (b"\x80", b"(", b"}", b"]"):
         raw = load_pickle(path, allow_unsafe=allow_unsafe)
         if isinstance(raw, int) and raw == _LEGACY_TORCH_MAGIC:
             return torch_load(path, allow_unsafe=allow_unsafe)
@@ -101,17 +102,20 @@ def _read_raw(path: Path, allow_unsafe: bool) -> Any:
     raise ValueError("not a torch (.pth/.pt), safetensors or pickle (.pkl) file")
 
 
-def _flat_tensors(raw: Any, path: Path) -> dict[str, Tensor]:
-    """``{name: tensor}`` from the loaded object: a flat dict, or one under ``model`` / ``state_dict`` / ``blobs``
-    (caffe2 pickles)."""
+def _weights_mapping(raw: Any, path: Path) -> Mapping:
+    """The ``{name: array}`` part of the loaded object: the object itself, or its ``model`` / ``state_dict`` /
+    ``blobs`` (caffe2 pickles) entry."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"backbone weights {path} hold a {type(raw).__name__}, not a dict of arrays")
     for key in ("model", "state_dict", "blobs"):
         if isinstance(raw.get(key), Mapping):
-            raw = raw[key]
-            break
+            return raw[key]
+    return raw
+
+
+def _as_tensors(weights: Mapping, path: Path) -> dict[str, Tensor]:
     out = {}
-    for key, value in raw.items():
+    for key, value in weights.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.array(value, order="C"))  # a writable copy; keeps 0-d arrays 0-d
         if not isinstance(value, Tensor):
@@ -159,8 +163,8 @@ def read_backbone_state_dict(path: str | os.PathLike, allow_unsafe: bool = False
         raise
     except Exception as error:  # corrupt / truncated files raise many different types
         raise ValueError(f"cannot read backbone weights {path}: {type(error).__name__}: {error}") from error
-    state = _strip_common_prefixes(_flat_tensors(raw, path))
-    caffe2 = [key for key in state if _CAFFE2_NAME.match(key)]
+    weights = _weights_mapping(raw, path)
+    caffe2 = [str(key) for key in weights if _CAFFE2_NAME.match(str(key))]
     if caffe2:
         raise ValueError(
             f"backbone weights {path} are in the MSRA caffe2 layout ({', '.join(sorted(caffe2)[:3])}, ...): those "
@@ -168,6 +172,7 @@ def read_backbone_state_dict(path: str | os.PathLike, allow_unsafe: bool = False
             "torchvision-converted R-50.pkl instead (what Mask2Former's R50 configs start from): "
             "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"
         )
+    state = _strip_common_prefixes(_as_tensors(weights, path))
     if any(_DETECTRON2_NAME.match(key) for key in state):
         return {detectron2_to_torchvision_name(key): value for key, value in state.items()}, "detectron2"
     return state, "torch"
