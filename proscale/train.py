@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
+from proscale.models.backbone_weights import NOT_SET, pretrained_choice, require_backbone_weights
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from proscale.utils.io import remove_stale_temporaries
@@ -138,10 +139,11 @@ def finish_run(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any], tit
 
 def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:
     """``pretrain=semantic`` (conf/pretrain/): pre-train the backbone on the training split (or reuse the cached
-    weights) and point ``model.backbone.pretrained`` at them. Skipped when the backbone already has a
-    checkpoint, when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every weight).
-    Returns the pre-training info or None."""
-    if not cfg.get("pretrain") or cfg.model.backbone.get("pretrained") or cfg.get("ckpt_path") or cfg.get("weights"):
+    weights) and point ``model.backbone.pretrained`` at them. Skipped when ``pretrained`` is given (a file,
+    ``true`` or ``none``), when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every
+    weight). Returns the pre-training info or None."""
+    given = pretrained_choice(cfg.model.backbone.get("pretrained")) is not NOT_SET  # a file, true or none
+    if not cfg.get("pretrain") or given or cfg.get("ckpt_path") or cfg.get("weights"):
         return None
     from proscale.lightning.backbone_pretrain import pretrain_backbone
 
@@ -159,6 +161,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     (``cfg``, ``datamodule``, ``module``, ``trainer``) for tests and notebooks.
     """
     start = time.perf_counter()
+    require_backbone_weights(cfg)  # the COCO / ADE20K / Cityscapes presets, before any data is read
     set_num_threads(cfg.get("num_threads"))
     remove_stale_temporaries(cfg.paths.output_dir)
     pretrain_info = maybe_pretrain_backbone(cfg)

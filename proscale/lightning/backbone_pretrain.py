@@ -146,7 +146,8 @@ def _cache_key(cfg: DictConfig) -> str:
         "pretrain": {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k != "cache_dir"},
         "seed": cfg.get("seed"),
     }
-    for drop in ("pretrained", "num_workers", "eval_batch_size", "cache_decoded"):  # do not change the weights
+    # do not change the weights
+    for drop in ("pretrained", "allow_unsafe_load", "num_workers", "eval_batch_size", "cache_decoded"):
         relevant["backbone"].pop(drop, None)
         relevant["data"].pop(drop, None)
     relevant["data"].pop("root", None)

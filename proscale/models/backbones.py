@@ -1,8 +1,9 @@
 """Backbones: any timm network with four feature levels, as ``res2..res5`` NCHW maps at strides 4/8/16/32.
 
 ``BACKBONES`` names: ``"r50"`` (ResNet-50), ``"swin_t"`` (Swin-T: embed 96, depths 2-2-6-2, heads 3-6-12-24,
-window 7), ``"timm"`` (any timm model by ``model_name``). Weights are random unless ``pretrained`` names a
-local checkpoint file (timm or torchvision naming, .pth/.pt/.safetensors); nothing is ever downloaded.
+window 7), ``"timm"`` (any timm model by ``model_name``). ``pretrained``: a local ImageNet file (detectron2 ``.pkl``,
+torchvision / timm ``.pth`` / ``.safetensors``, official Swin ``.pth``; layout found by content), ``true`` (timm's
+hub download) or ``none`` / null (random): :mod:`proscale.models.backbone_weights`.
 
 Every backbone::
 
@@ -16,6 +17,8 @@ Module names: ``body`` is the timm ``features_only`` network (so timm names insi
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any
 
@@ -25,8 +28,16 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
+from proscale.models.backbone_weights import (
+    FROM_FILE,
+    FROM_HUB,
+    pretrained_choice,
+    read_backbone_state_dict,
+    weight_sources,
+)
 from proscale.registry import Registry
 
+log = logging.getLogger(__name__)  # the models stay free of Lightning imports
 BACKBONES = Registry("backbone")
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 EXPECTED_STRIDES = (4, 8, 16, 32)
@@ -73,18 +84,21 @@ class TimmBackbone(nn.Module):
 
     Args:
         model_name: timm model name (e.g. ``"resnet50"``).
-        pretrained: None for random init, or a local checkpoint path (timm / torchvision names).
+        pretrained: ImageNet weights: a local file path, ``True`` / ``"true"`` (timm's hub download), or
+            None / ``"none"`` for random weights (see :func:`~proscale.models.backbone_weights.pretrained_choice`).
         output_norms: add one LayerNorm per output level (D2SwinTransformer's ``norm{i}``).
         freeze_bn: turn BatchNorm into FrozenBatchNorm (what detectron2 does with pretrained ResNets).
+        allow_unsafe_load: read a ``pretrained`` file that needs unrestricted unpickling (trusted files only).
         **timm_kwargs: forwarded to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
     def __init__(
         self,
         model_name: str,
-        pretrained: str | None = None,
+        pretrained: str | bool | None = None,
         output_norms: bool = False,
         freeze_bn: bool = False,
+        allow_unsafe_load: bool = False,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -106,21 +120,59 @@ class TimmBackbone(nn.Module):
         self.out_channels = dict(zip(FEATURE_NAMES, channels))
         self.strides = dict(zip(FEATURE_NAMES, EXPECTED_STRIDES))
         self.output_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels) if output_norms else None
-        if pretrained:
-            self.load_pretrained(pretrained)
+        choice = pretrained_choice(pretrained)
+        if choice == FROM_FILE:
+            self.load_pretrained(str(pretrained), allow_unsafe_load=allow_unsafe_load)
+        elif choice == FROM_HUB:
+            self.load_from_hub()
         if freeze_bn:
+            if choice not in (FROM_FILE, FROM_HUB):
+                log.warning(
+                    f"backbone {model_name!r}: freeze_bn=true with random weights keeps BatchNorm at its initial "
+                    "statistics (mean 0, var 1) for the whole run; from scratch, model.backbone.freeze_bn=false trains them"
+                )
             self.body = timm.layers.freeze_batch_norm_2d(self.body)
 
-    def load_pretrained(self, path: str) -> None:
-        """Load a local classification checkpoint into ``body``; raises ValueError naming bad keys.
+    def _classifier(self, pretrained: bool = False) -> nn.Module:
+        """The full timm classification model of the same architecture (names and filters of its checkpoints)."""
+        return timm.create_model(self.model_name, pretrained=pretrained, **self._timm_kwargs)
+
+    def load_pretrained(self, path: str, allow_unsafe_load: bool = False) -> None:
+        """Load a local ImageNet file (any layout of :mod:`proscale.models.backbone_weights`) into ``body``;
+        raises ValueError naming the file and the keys that do not fit."""
+        state, layout = read_backbone_state_dict(path, allow_unsafe=allow_unsafe_load)
+        renamed = " (names below as renamed to torchvision's)" if layout == "detectron2" else ""
+        self.load_classifier_state(state, f"backbone weights {path}{renamed}")
+
+    def load_from_hub(self) -> None:
+        """``pretrained=true``: timm's own hub download of the classification weights (fails at once offline)."""
+        try:
+            full = self._classifier(pretrained=True)
+        except Exception as error:  # hub / network errors come in many types; the cause stays chained
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            detail = (str(error).splitlines() or [""])[0]
+            raise ValueError(
+                f"model.backbone.pretrained=true: timm could not download the ImageNet weights of {self.model_name!r} "
+                f"from the Hugging Face hub ({type(error).__name__}: {detail}). "
+                + (
+                    "The apps run offline (HF_HUB_OFFLINE=1, set unless already set; HF_HUB_OFFLINE=0 allows "
+                    "downloads). "
+                    if offline
+                    else ""
+                )
+                + f"Pass a local file instead: model.backbone.pretrained=/path/to/file, e.g. "
+                f"{weight_sources(self.model_name)}; or model.backbone.pretrained=none to train from scratch."
+            ) from error
+        self.load_classifier_state(full.state_dict(), f"timm hub weights of {self.model_name!r}")
+
+    def load_classifier_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Load a classification model's state dict (timm / torchvision / original names) into ``body``.
 
         Keys the features-only network drops (classifier, final norm) are ignored; timm's own
-        ``checkpoint_filter_fn`` adapts original checkpoints (e.g. Swin's downsample placement).
+        ``checkpoint_filter_fn`` adapts original checkpoints (e.g. Swin's downsample placement and buffers).
+        Anything else missing, unexpected or mis-shaped is a ValueError naming ``source`` and the keys.
         """
-        from proscale.convert.io import read_state_dict, strip_common_prefix
-
-        state = strip_common_prefix(read_state_dict(path), ("module.", "model.", "backbone."))
-        full = timm.create_model(self.model_name, pretrained=False, **self._timm_kwargs)
+        full = self._classifier()
         filter_fn = getattr(sys.modules[type(full).__module__], "checkpoint_filter_fn", None)
         if filter_fn is not None:
             state = filter_fn(state, full)
@@ -141,7 +193,7 @@ class TimmBackbone(nn.Module):
         mismatched = [k for k, v in mapped.items() if tuple(v.shape) != tuple(target[k].shape)]
         if missing or unexpected or mismatched:
             raise ValueError(
-                f"pretrained checkpoint {path} does not fit backbone {self.model_name!r}: "
+                f"{source} does not fit backbone {self.model_name!r}: "
                 f"missing keys {missing[:20]}{'...' if len(missing) > 20 else ''}, "
                 f"unexpected keys {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}, "
                 f"shape mismatches {[(k, tuple(mapped[k].shape), tuple(target[k].shape)) for k in mismatched[:20]]}"
@@ -160,13 +212,13 @@ class TimmBackbone(nn.Module):
 
 
 @BACKBONES.register("r50")
-def resnet50(pretrained: str | None = None, freeze_bn: bool = False, **timm_kwargs: Any) -> TimmBackbone:
+def resnet50(pretrained: str | bool | None = None, freeze_bn: bool = False, **timm_kwargs: Any) -> TimmBackbone:
     """ResNet-50 (torchvision layout: stride in the 3x3 conv, like Mask2Former's STRIDE_IN_1X1=False)."""
     return TimmBackbone("resnet50", pretrained=pretrained, freeze_bn=freeze_bn, **timm_kwargs)
 
 
 @BACKBONES.register("swin_t")
-def swin_tiny(pretrained: str | None = None, drop_path_rate: float = 0.3, **timm_kwargs: Any) -> TimmBackbone:
+def swin_tiny(pretrained: str | bool | None = None, drop_path_rate: float = 0.3, **timm_kwargs: Any) -> TimmBackbone:
     """Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7) with D2SwinTransformer's output norms.
 
     Any input size that is a multiple of 32 works (``strict_img_size=False``, windows always partitioned).
@@ -183,7 +235,7 @@ def swin_tiny(pretrained: str | None = None, drop_path_rate: float = 0.3, **timm
 
 @BACKBONES.register("timm")
 def timm_backbone(
-    model_name: str, pretrained: str | None = None, output_norms: bool = False, **timm_kwargs: Any
+    model_name: str, pretrained: str | bool | None = None, output_norms: bool = False, **timm_kwargs: Any
 ) -> TimmBackbone:
     """Any timm model whose last four feature levels have strides 4/8/16/32."""
     return TimmBackbone(model_name, pretrained=pretrained, output_norms=output_norms, **timm_kwargs)
