@@ -36,7 +36,11 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
-def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
+def _hydra_app(
+    config_name: str,
+    task: Callable[[DictConfig], tuple[dict, dict]],
+    exit_status: Callable[[dict], int] | None = None,
+) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
         from proscale.utils.cpu_memory import retain_freed_memory
@@ -44,6 +48,8 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]
         retain_freed_memory()  # large CPU activations reuse warm memory (see proscale/utils/cpu_memory.py)
         apply_extras(cfg)
         metrics, _ = task(cfg)
+        if exit_status is not None and exit_status(metrics):
+            raise SystemExit(exit_status(metrics))  # e.g. predict: some images failed (the others are written)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).
         name = cfg.get("optimized_metric")
         return metrics.get(name) if name else None
@@ -64,6 +70,6 @@ def eval_main() -> None:
 
 
 def predict_main() -> None:
-    from proscale.predict import predict
+    from proscale.predict import EXIT_SOME_FAILED, predict
 
-    _hydra_app("predict", predict)()
+    _hydra_app("predict", predict, lambda metrics: EXIT_SOME_FAILED if metrics.get("failed") else 0)()
