@@ -56,7 +56,9 @@ def apply_stored_settings(cfg: DictConfig, loaded: LoadedWeights) -> None:
             else:
                 cfg.data.test_transforms = loaded.test_transforms
     settings = {k: v for k, v in inference.items() if not k.startswith("_")}
-    print(f"inference settings: {settings}; test transforms: {OmegaConf.to_container(cfg.data.test_transforms)}")
+    transforms = cfg.data.get("test_transforms")
+    transforms = "the dataset's default" if transforms is None else OmegaConf.to_container(transforms, resolve=True)
+    print(f"inference settings: {settings}; test transforms: {transforms}")
 
 
 @task_wrapper
