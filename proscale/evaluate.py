@@ -18,7 +18,12 @@ import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from proscale.stored_run import check_meta_matches, merged_settings, read_weights_of
+from proscale.stored_run import (
+    check_meta_matches,
+    merged_settings,
+    read_weights_of,
+    skip_backbone_pretraining_weights,
+)
 from proscale.train import (
     build_datamodule_and_module,
     build_trainer,
@@ -36,10 +41,9 @@ from proscale.weights import LoadedWeights, command_line_model_overrides, load_w
 def apply_stored_settings(cfg: DictConfig, loaded: LoadedWeights) -> None:
     """Put the weights' model config, inference settings and test-time transforms into ``cfg`` (command-line
     values win). EMA is switched off: the chosen weights (EMA or raw) are loaded into the model itself."""
-    model_cfg = resolve_model_config(cfg.model, loaded, command_line_model_overrides())
-    if loaded.model_config is not None and "backbone.pretrained" not in command_line_model_overrides():
-        # every backbone weight comes from the file: the ImageNet weights the run started from are not needed
-        OmegaConf.update(model_cfg, "backbone.pretrained", None, force_add=False)
+    explicit = command_line_model_overrides()
+    model_cfg = resolve_model_config(cfg.model, loaded, explicit)
+    skip_backbone_pretraining_weights(model_cfg, explicit)
     inference = merged_settings(
         "module.inference",
         loaded.inference,

@@ -42,7 +42,13 @@ from proscale.data.transforms import Compose, Sample
 from proscale.metrics.export import coco_categories, panoptic_to_coco, write_json_atomic, write_png_atomic
 from proscale.metrics.instance import instance_results
 from proscale.models.inference import Mask2FormerInference
-from proscale.stored_run import build_test_transform, merged_settings, read_weights_of, stored_meta
+from proscale.stored_run import (
+    build_test_transform,
+    merged_settings,
+    read_weights_of,
+    skip_backbone_pretraining_weights,
+    stored_meta,
+)
 from proscale.structures import DatasetMeta
 from proscale.train import set_num_threads
 from proscale.utils.io import read_json
@@ -85,8 +91,7 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
         raise ValueError(f"{loaded.path} stores no class metadata (names, ids): predict cannot label its output")
     explicit = command_line_model_overrides()
     model_cfg = resolve_model_config(cfg.get("model") or OmegaConf.create({}), loaded, explicit)
-    if "backbone.pretrained" not in explicit and OmegaConf.select(model_cfg, "backbone.pretrained") is not None:
-        OmegaConf.update(model_cfg, "backbone.pretrained", None)  # every weight comes from the file
+    skip_backbone_pretraining_weights(model_cfg, explicit)
     model = hydra.utils.instantiate(model_cfg)
     load_weights_into(model, loaded, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     given = {k: cfg.get(k) for k in INFERENCE_OVERRIDES if cfg.get(k) is not None}

@@ -71,6 +71,13 @@ def check_meta_matches(loaded: LoadedWeights, meta: DatasetMeta) -> None:
             )
 
 
+def skip_backbone_pretraining_weights(model_cfg: DictConfig, explicit: Mapping[str, Any]) -> None:
+    """Every weight comes from the file: the ImageNet weights the run started from (``backbone.pretrained``, a
+    path that may not exist here) are not loaded first, unless the command line names them."""
+    if "backbone.pretrained" not in explicit and OmegaConf.select(model_cfg, "backbone.pretrained") is not None:
+        OmegaConf.update(model_cfg, "backbone.pretrained", None)
+
+
 def merged_settings(
     what: str, stored: Mapping[str, Any] | None, configured: Mapping[str, Any], explicit: Mapping[str, Any]
 ) -> dict[str, Any]:

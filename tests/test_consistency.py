@@ -259,3 +259,34 @@ def test_predict_refuses_unknown_names_and_stored_classes_must_match_the_dataset
     other = DatasetMeta(**{**loaded.meta, "class_names": ["disc", *loaded.meta["class_names"][1:]]})
     with pytest.raises(ValueError, match=r"other classes than this dataset's: class_names differ .*'circle' vs 'disc'"):
         check_meta_matches(loaded, other)
+
+
+def test_stored_settings_replace_the_configured_ones_unless_given_on_the_command_line(tmp_path, capsys):
+    """No training: a hand-made LoadedWeights and eval's composed config."""
+    from proscale.evaluate import apply_stored_settings
+    from proscale.weights import LoadedWeights
+
+    stored_model = {"_target_": "proscale.models.Mask2Former", "num_classes": 10, "dec_layers": 2, "hidden_dim": 32}
+    loaded = LoadedWeights(
+        path=tmp_path / "run.ckpt",
+        format="lightning",
+        state_dict={},
+        model_config=stored_model,
+        inference={"object_mask_threshold": 0.1, "overlap_threshold": 0.6, "topk_per_image": 5},
+        test_transforms=[{"_target_": "proscale.data.transforms.ResizeShortestEdge", "short_edge": 48}],
+    )
+    given = ["model.dec_layers=3", "module.inference.overlap_threshold=0.7", "module.ema_decay=0.99"]
+    cfg = compose_config("eval", ["experiment=tiny", *given], output_dir=tmp_path / "eval")
+    apply_stored_settings(cfg, loaded)
+    printed = capsys.readouterr().out
+    assert cfg.model == {**stored_model, "dec_layers": 3}  # the stored config, the command line's key on top
+    assert "model.dec_layers: 2 (stored in run.ckpt) -> 3 (command line)" in printed
+    inference = cfg.module.inference
+    assert (inference.object_mask_threshold, inference.overlap_threshold, inference.topk_per_image) == (0.1, 0.7, 5)
+    assert "module.inference.overlap_threshold: 0.7 (command line; the weights store 0.6)" in printed
+    assert cfg.data.test_transforms == loaded.test_transforms
+    assert cfg.module.ema_decay is None  # the chosen weights (EMA or raw) are loaded into the model itself
+
+    cfg = compose_config("eval", ["experiment=tiny", "data.test_transforms=[]"], output_dir=tmp_path / "eval2")
+    apply_stored_settings(cfg, loaded)
+    assert cfg.data.test_transforms == [] and "data.test_transforms: command line" in capsys.readouterr().out
