@@ -198,7 +198,11 @@ def test_bad_images_are_skipped_listed_and_the_rest_is_written(easy_run, tmp_pat
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
     cfg = compose_config("predict", overrides, output_dir=tmp_path / "run")
+    thread_counts = []
+    monkeypatch.setattr(torch, "set_num_threads", thread_counts.append)
     summary, objects = predict(cfg)
+    monkeypatch.undo()
+    assert thread_counts == [1]  # num_threads works in predict
     assert (summary["images"], summary["succeeded"], summary["failed"]) == (4, 2, 2)
     listed = json.loads((out / "summary.json").read_text())
     assert [Path(f["file"]).name for f in listed["failed"]] == ["b_tall.png", "c_truncated.jpg"]
