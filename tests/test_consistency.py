@@ -133,7 +133,14 @@ def test_eval_predict_and_the_offline_scorer_agree(easy_run, tmp_path, monkeypat
     out = tmp_path / "pred"
     cfg = compose_config(
         "predict",
-        [f"weights={easy_run['best']}", f"input={data / 'val'}", f"gt_json={gt_json}", f"output_dir={out}", *common],
+        [
+            f"weights={easy_run['best']}",
+            f"input={data / 'val'}",
+            f"gt_json={gt_json}",
+            f"output_dir={out}",
+            "device=cpu",  # as the tiny preset's trainer: bit-equal maps need the same device
+            *common,
+        ],
         output_dir=tmp_path / "predict",
     )
     summary, _ = predict(cfg)
