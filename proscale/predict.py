@@ -84,7 +84,8 @@ class Predictor:
 
 def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
     """Model, class metadata, inference settings and test-time transform from ``cfg.weights`` (or ``ckpt_path``),
-    with the command line's overrides applied (printed)."""
+    with the command line's overrides applied (printed). ``cfg`` holds predict.yaml's keys; outside the app
+    ``OmegaConf.create({"weights": path})`` is enough."""
     loaded = read_weights_of(cfg)
     meta = stored_meta(loaded)
     if meta is None:
@@ -96,24 +97,7 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
     load_weights_into(model, loaded, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     given = {k: cfg.get(k) for k in INFERENCE_OVERRIDES if cfg.get(k) is not None}
     inference = merged_settings("inference", loaded.inference, given, given)
-    if cfg.get("test_transforms") is not None:
-        configs = OmegaConf.to_container(cfg.test_transforms, resolve=True)
-        print(f"test_transforms: {configs} (command line; the weights store {loaded.test_transforms})")
-    elif cfg.get("short_side") is not None:
-        configs = [
-            {
-                "_target_": "proscale.data.transforms.ResizeShortestEdge",
-                "short_edge": int(cfg.short_side),
-                "max_size": int(cfg.get("max_size") or 1333),
-            }
-        ]
-        print(
-            f"test_transforms: {configs} (short_side from the command line; the weights store {loaded.test_transforms})"
-        )
-    else:
-        if loaded.test_transforms is None:
-            log.warning(f"{loaded.path} stores no test-time transforms: images are predicted at their own size")
-        configs = list(loaded.test_transforms or [])
+    configs = chosen_test_transforms(cfg, loaded.test_transforms, loaded.path)
     return Predictor(
         model=model.to(device).eval(),
         meta=meta,
@@ -122,6 +106,27 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
         test_transform_configs=configs,
         source=str(loaded.path),
     )
+
+
+def chosen_test_transforms(cfg: DictConfig, stored: list | None, path: Path) -> list:
+    """``cfg.test_transforms`` or ``cfg.short_side`` when given (printed), else the stored transform configs."""
+    if cfg.get("test_transforms") is not None:
+        configs = OmegaConf.to_container(cfg.test_transforms, resolve=True)
+        print(f"test_transforms: {configs} (command line; the weights store {stored})")
+    elif cfg.get("short_side") is not None:
+        configs = [
+            {
+                "_target_": "proscale.data.transforms.ResizeShortestEdge",
+                "short_edge": int(cfg.short_side),
+                "max_size": int(cfg.get("max_size") or 1333),
+            }
+        ]
+        print(f"test_transforms: {configs} (short_side from the command line; the weights store {stored})")
+    else:
+        if stored is None:
+            log.warning(f"{path} stores no test-time transforms: images are predicted at their own size")
+        configs = list(stored or [])
+    return configs
 
 
 def run_model(model: Callable[[Tensor], dict], images: Tensor) -> dict:
@@ -287,9 +292,8 @@ def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         }
         writer.finish(summary)
     done = len(writer.images)
-    print(
-        f"{done}/{len(images)} images -> {out_dir} (panoptic.json, instances.json, panoptic/, semantic/, overlays/) in {seconds:.1f} s"
-    )
+    files = "panoptic.json, instances.json, panoptic/, semantic/, overlays/"
+    print(f"{done}/{len(images)} images -> {out_dir} ({files}) in {seconds:.1f} s")
     if writer.failed:
         print(f"{len(writer.failed)} images failed (listed in {out_dir / 'summary.json'}):")
         for failure in writer.failed:

@@ -64,10 +64,12 @@ def check_meta_matches(loaded: LoadedWeights, meta: DatasetMeta) -> None:
         ours, theirs = list(getattr(meta, field)), list(getattr(stored, field))
         if ours != theirs:
             differ = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            stored_value = theirs[differ] if differ < len(theirs) else "-"
+            dataset_value = ours[differ] if differ < len(ours) else "-"
             raise ValueError(
                 f"weights {loaded.path} were trained on other classes than this dataset's: {field} differ "
                 f"({len(theirs)} stored vs {len(ours)} in the dataset; first difference at index {differ}: "
-                f"{theirs[differ] if differ < len(theirs) else '-'!r} vs {ours[differ] if differ < len(ours) else '-'!r})"
+                f"{stored_value!r} vs {dataset_value!r})"
             )
 
 
