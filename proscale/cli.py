@@ -41,9 +41,12 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
-def _hydra_app(config_name: str, task_path: str) -> Callable[[], Any]:
+def _hydra_app(
+    config_name: str, task_path: str, exit_status: Callable[[dict], int] | None = None
+) -> Callable[[], Any]:
     """The Hydra app of ``conf/<config_name>.yaml`` running ``task_path`` (``"module:function"``, imported only when
-    the app runs, so that ``--help`` and ``--cfg`` answer without importing torch)."""
+    the app runs, so that ``--help`` and ``--cfg`` answer without importing torch). ``exit_status(metrics)``, when
+    given, turns the task's result into the process's exit status (e.g. predict: some images failed)."""
     if not (Path(CONFIG_DIR) / f"{config_name}.yaml").is_file():
         raise SystemExit(
             f"proscale: no {config_name}.yaml in the config directory {CONFIG_DIR} (set PROSCALE_CONFIG_DIR to a "
@@ -59,6 +62,8 @@ def _hydra_app(config_name: str, task_path: str) -> Callable[[], Any]:
         module_name, function_name = task_path.split(":")
         task: Callable[[DictConfig], tuple[dict, dict]] = getattr(importlib.import_module(module_name), function_name)
         metrics, _ = task(cfg)
+        if exit_status is not None and exit_status(metrics):
+            raise SystemExit(exit_status(metrics))  # e.g. predict: some images failed (the others are written)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).
         name = cfg.get("optimized_metric")
         return metrics.get(name) if name else None
@@ -75,13 +80,19 @@ def eval_main() -> None:
 
 
 def predict_main() -> None:
-    _hydra_app("predict", "proscale.predict:predict")()
+    _hydra_app("predict", "proscale.predict:predict", _predict_exit_status)()
+
+
+def _predict_exit_status(metrics: dict) -> int:
+    from proscale.predict import EXIT_SOME_FAILED
+
+    return EXIT_SOME_FAILED if metrics.get("failed") else 0
 
 
 # `proscale <app>` / `python -m proscale <app>` (proscale/__main__.py): name -> (entry point, one-line summary).
 # Each app's `--help` (conf/hydra/help/<app>.yaml) says what it does and lists its main options.
 APPS: dict[str, tuple[Callable[[], None], str]] = {
     "train": (train_main, "train a model (Hydra overrides, -m for sweeps), then test its best checkpoint"),
-    "eval": (eval_main, "score a checkpoint on the test split (or validation when there is none)"),
-    "predict": (predict_main, "segment images with a checkpoint: overlays + COCO panoptic PNG/JSON"),
+    "eval": (eval_main, "score weights (a checkpoint or another format) on the test split, else validation"),
+    "predict": (predict_main, "segment images: overlays, COCO panoptic / instance JSON, semantic PNGs"),
 }

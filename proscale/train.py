@@ -66,8 +66,38 @@ def build_datamodule_and_module(
         load_weights_into(model, weights, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     # Built as a partial and then called: Hydra would turn the DatasetMeta dataclass into a config node.
     module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
-    module = module_factory(model=model, meta=meta, model_config=OmegaConf.to_container(model_cfg, resolve=True))
+    module = module_factory(
+        model=model,
+        meta=meta,
+        model_config=OmegaConf.to_container(model_cfg, resolve=True),
+        test_transforms=test_transform_configs(cfg.data, datamodule),
+    )
     return datamodule, module
+
+
+def test_transform_configs(cfg_data: DictConfig, datamodule: Any) -> list[dict] | None:
+    """The data module's test-time transforms as Hydra configs (plain dicts with ``_target_``), stored in the
+    checkpoints so eval / predict transform images as the run's test did. ``data.test_transforms: null`` means
+    the family's default recipe: its ``ResizeShortestEdge`` objects are turned back into configs (None, with
+    a warning, for any other transform)."""
+    configured = cfg_data.get("test_transforms")
+    if configured is not None:
+        return OmegaConf.to_container(configured, resolve=True)
+    configs = []
+    for transform in getattr(getattr(datamodule, "test_transform", None), "transforms", []):
+        if type(transform).__name__ != "ResizeShortestEdge":
+            log.warning(f"test transform {transform!r} has no config: checkpoints will not store the test transforms")
+            return None
+        edges = transform.short_edges
+        configs.append(
+            {
+                "_target_": "proscale.data.transforms.ResizeShortestEdge",
+                "short_edge": edges[0] if len(edges) == 1 else list(edges),
+                "max_size": int(transform.max_size),
+                "sample_style": transform.sample_style,
+            }
+        )
+    return configs
 
 
 def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[str, Any]) -> L.Trainer:

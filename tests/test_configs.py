@@ -88,11 +88,17 @@ def test_unknown_schedule_kind_lists_valid_choices():
         WarmupSchedule(100, kind="cosine")
 
 
-def test_eval_requires_ckpt_path(tmp_path):
+def test_eval_requires_weights(tmp_path):
+    from proscale.stored_run import weights_path
+
     cfg = compose_config("eval", [], output_dir=tmp_path)
-    assert OmegaConf.is_missing(cfg, "ckpt_path")
+    with pytest.raises(ValueError, match="needs weights: pass weights="):
+        weights_path(cfg)
     cfg = compose_config("eval", ["experiment=cpu_synthetic", "ckpt_path=last"], output_dir=tmp_path)
-    assert cfg.ckpt_path == "last"
+    assert cfg.ckpt_path == "last" and cfg.weights is None
+    cfg = compose_config("eval", [f"weights={tmp_path}/a.ckpt", f"ckpt_path={tmp_path}/b.ckpt"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="disagree"):
+        weights_path(cfg)
 
 
 def test_main_job_trains_with_flips_only(tmp_path):

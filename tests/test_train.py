@@ -259,8 +259,8 @@ def test_predict_writes_overlays_and_coco_json(trained_run, data_dir, tmp_path):
     cfg = compose_config(
         "predict",
         [
-            f"ckpt_path={trained_run['results']['best_checkpoint']}",
-            f"input_dir={input_dir}",
+            f"weights={trained_run['results']['best_checkpoint']}",
+            f"input={input_dir}/img*.png",  # a glob
             f"output_dir={tmp_path / 'pred'}",
             "short_side=64",
             f"paths.log_dir={tmp_path / 'logs'}",
@@ -268,20 +268,25 @@ def test_predict_writes_overlays_and_coco_json(trained_run, data_dir, tmp_path):
         output_dir=tmp_path / "predict_run",
     )
     summary, _ = predict(cfg)
-    assert summary["images"] == 2
+    assert summary["images"] == summary["succeeded"] == 2 and summary["failed"] == 0
     overlays = sorted((tmp_path / "pred" / "overlays").glob("*.png"))
     assert [p.name for p in overlays] == ["img0.png", "img1.png"]
-    assert np.asarray(Image.open(overlays[0])).shape == (60, 80, 3)  # at the input image's size
-    coco = json.loads((tmp_path / "pred" / "panoptic_pred.json").read_text())
+    # the 60x80 input enlarged 6x (short side >= 320 for readable labels) plus the legend panel on the right
+    overlay = np.asarray(Image.open(overlays[0]))
+    assert overlay.shape[0] == 360 and overlay.shape[1] > 480 and overlay.shape[2] == 3
+    coco = json.loads((tmp_path / "pred" / "panoptic.json").read_text())
     assert [a["file_name"] for a in coco["annotations"]] == ["img0.png", "img1.png"]
+    assert [a["image_id"] for a in coco["annotations"]] == [1, 2]  # numbered from 1 without gt_json
     checkpoint = torch_load(trained_run["results"]["best_checkpoint"])
     class_names = checkpoint["hyper_parameters"]["meta"]["class_names"]
     assert [c["name"] for c in coco["categories"]] == class_names
     for annotation in coco["annotations"]:
-        ids = np.asarray(Image.open(tmp_path / "pred" / "panoptic_pred" / annotation["file_name"]), dtype=np.int64)
+        ids = np.asarray(Image.open(tmp_path / "pred" / "panoptic" / annotation["file_name"]), dtype=np.int64)
         ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         assert ids.shape == (60, 80)
         assert {s["id"] for s in annotation["segments_info"]} <= set(np.unique(ids).tolist())
+        semantic = np.asarray(Image.open(tmp_path / "pred" / "semantic" / annotation["file_name"]))
+        assert semantic.shape == (60, 80) and semantic.max() < len(class_names)
 
 
 def test_layer_summary_has_no_flops_column(capsys):

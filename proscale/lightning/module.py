@@ -41,6 +41,32 @@ def _build(obj: Any, **kwargs: Any) -> Any:
     return obj
 
 
+# The Mask2FormerInference settings a checkpoint stores (``hyper_parameters["inference"]``), so eval and predict
+# score with the thresholds the run was scored with.
+INFERENCE_SETTING_NAMES = (
+    "object_mask_threshold",
+    "overlap_threshold",
+    "topk_per_image",
+    "semantic_on",
+    "instance_on",
+    "panoptic_on",
+)
+
+
+def inference_settings(inference: Any) -> dict[str, Any] | None:
+    """The stored settings of an inference module as plain Python values (None when it has none of them)."""
+    settings = {}
+    for name in INFERENCE_SETTING_NAMES:
+        value = getattr(inference, name, None)
+        if isinstance(value, bool):  # (bool before int: bool is an int)
+            settings[name] = value
+        elif isinstance(value, int):
+            settings[name] = int(value)
+        elif value is not None:
+            settings[name] = float(value)
+    return settings or None
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_consecutive_nonfinite`` NaN/inf losses in a row."""
 
@@ -59,6 +85,8 @@ class SegmentationModule(LightningModule):
             ``per_class`` list of row dicts filled by ``compute()`` (the W&B per-class tables).
         meta: the dataset's class metadata (also stored in checkpoints so ``predict`` needs no dataset).
         model_config: the model's Hydra config as a plain dict, stored in checkpoints (``hyper_parameters``).
+        test_transforms: the data module's test-time transforms as Hydra configs (plain dicts with ``_target_``),
+            stored in checkpoints with the inference settings so eval / predict reproduce the run's scores.
         ema_decay: keep an exponential moving average of the weights and evaluate with it (``None`` = off).
         max_consecutive_nonfinite: NaN/inf losses are skipped (no optimizer step) and counted; this many in a
             row stop the run with :class:`NonFiniteLossError`.
@@ -77,6 +105,7 @@ class SegmentationModule(LightningModule):
         evaluators: Mapping[str, Any] | None = None,
         meta: DatasetMeta | None = None,
         model_config: dict | None = None,
+        test_transforms: list | None = None,
         ema_decay: float | None = None,
         max_consecutive_nonfinite: int = 20,
         freeze_batchnorm: bool = False,
@@ -113,6 +142,8 @@ class SegmentationModule(LightningModule):
         self.save_hyperparameters(
             {
                 "model_config": model_config,
+                "inference": inference_settings(self.inference),
+                "test_transforms": test_transforms,
                 "meta": dataclasses.asdict(meta) if meta is not None else None,
                 "ema_decay": ema_decay,
                 "max_consecutive_nonfinite": max_consecutive_nonfinite,

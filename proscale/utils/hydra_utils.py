@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 
 from proscale.cli import CONFIG_DIR
@@ -31,3 +33,22 @@ def compose_config(
             cfg.hydra.runtime.output_dir = str(Path(output_dir).resolve())
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def command_line_overrides(prefix: str) -> dict[str, Any]:
+    """``{dotted key below prefix: value}`` of the current Hydra job's command-line overrides under ``prefix``.
+
+    ``prefix="model"`` turns ``model.lpe=false +model.encoder.schedule=[3,3,3]`` into
+    ``{"lpe": False, "encoder.schedule": [3, 3, 3]}``; deletions (``~model.x``) map to ``None``. Outside a
+    Hydra app (or a :func:`compose_config` call) there are none: ``{}``.
+    """
+    if not HydraConfig.initialized():
+        return {}
+    task_overrides = list(HydraConfig.get().overrides.task)
+    start = prefix + "."
+    found: dict[str, Any] = {}
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        key = override.key_or_group
+        if key.startswith(start):
+            found[key[len(start) :]] = None if override.is_delete() else override.value()
+    return found
