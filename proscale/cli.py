@@ -41,9 +41,7 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
-def _hydra_app(
-    config_name: str, task_path: str, exit_status: Callable[[dict], int] | None = None
-) -> Callable[[], Any]:
+def _hydra_app(config_name: str, task_path: str, exit_status: Callable[[dict], int] | None = None) -> Callable[[], Any]:
     """The Hydra app of ``conf/<config_name>.yaml`` running ``task_path`` (``"module:function"``, imported only when
     the app runs, so that ``--help`` and ``--cfg`` answer without importing torch). ``exit_status(metrics)``, when
     given, turns the task's result into the process's exit status (e.g. predict: some images failed)."""
