@@ -291,7 +291,7 @@ def test_stored_settings_replace_the_configured_ones_unless_given_on_the_command
     apply_stored_settings(cfg, loaded)
     printed = capsys.readouterr().out
     assert cfg.model == {**stored_model, "dec_layers": 3}  # the stored config, the command line's key on top
-    assert "model.dec_layers: 2 (stored in run.ckpt) -> 3 (command line)" in printed
+    assert "model.dec_layers=3 (command line) instead of 2 stored in" in printed
     inference = cfg.module.inference
     assert (inference.object_mask_threshold, inference.overlap_threshold, inference.topk_per_image) == (0.1, 0.7, 5)
     assert "module.inference.overlap_threshold: 0.7 (command line; the weights store 0.6)" in printed

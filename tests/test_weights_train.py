@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from test_convert import run_script
 
@@ -157,8 +158,11 @@ def test_payloads_never_run(run, evil_files, name, capsys):
     refused(lambda: train(cfg_for(root, f"r_{name}", f"ckpt_path={path}")))  # resume
     refused(lambda: AtomicCheckpointIO().load_checkpoint(path))  # Lightning's own load on fit/test(ckpt_path)
     refused(lambda: evaluate(cfg_for(root, f"e_{name}", f"ckpt_path={path}", config="eval")))
+    images = root / "images"
+    images.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
     predict_cfg = compose_config(
-        "predict", [f"ckpt_path={path}", f"input_dir={root}", f"paths.log_dir={root / 'logs'}"], output_dir=root / "p"
+        "predict", [f"ckpt_path={path}", f"input={images}", f"paths.log_dir={root / 'logs'}"], output_dir=root / "p"
     )
     refused(lambda: predict(predict_cfg))
     out = evil_files["folder"] / f"{name}.safetensors"
