@@ -20,9 +20,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
+from proscale.lightning.distributed import check_launch, trainer_config_for_launch
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from proscale.utils.io import remove_stale_temporaries
+from proscale.utils.launch import launch_run_name, own_resume_checkpoint
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.results import COMPUTE_KEYS, headline_metrics, write_results
 from proscale.utils.rich_utils import print_metrics_table
@@ -66,7 +68,8 @@ def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[s
     loggers = instantiate_loggers(cfg.get("logger"), wandb_overrides)
     if any("Wandb" in type(lg).__name__ for lg in loggers):
         callbacks.append(WandbExtras(summary={f"tag/{k}": v for k, v in tags.items() if v is not None}))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer_cfg = trainer_config_for_launch(cfg.trainer)  # e.g. sync_batchnorm only on CUDA
+    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # the hydra node is Hydra's, not the run's
     hparams = {"cfg": OmegaConf.to_container(OmegaConf.create(run_cfg), resolve=True), "tags": tags}
     for logger in loggers:
@@ -148,6 +151,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     start = time.perf_counter()
     set_num_threads(cfg.get("num_threads"))
+    check_launch(cfg)  # trainer.num_nodes / devices vs torchrun's layout, a taken MASTER_PORT: fail before waiting
     remove_stale_temporaries(cfg.paths.output_dir)
     pretrain_info = maybe_pretrain_backbone(cfg)
     # seeded after the (possibly cached) pre-training, so a run is the same whether it trained it or reused it
@@ -156,6 +160,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule, module = build_datamodule_and_module(cfg)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir, cfg.paths.output_dir)
+    if ckpt_path is None and cfg.get("train", True) and launch_run_name(cfg.get("run_id")):
+        # torchrun restart / SLURM requeue / same run_id: the run folder is stable, continue from its own checkpoint
+        own = own_resume_checkpoint(cfg.paths.output_dir)
+        ckpt_path = str(own) if own is not None else None
+        if own is not None:
+            log.info(f"resuming this run's own checkpoint {own}")
     checkpoint = None
     if ckpt_path is not None:
         checkpoint = load_checkpoint_cpu(ckpt_path)
