@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from proscale.utils.launch import under_slurm_task, under_torchrun
 from proscale.utils.logging_utils import get_logger
@@ -129,7 +129,7 @@ def check_launch(cfg: DictConfig) -> None:
     if under_slurm_task():
         return  # Lightning's SLURMEnvironment checks devices / num_nodes against SLURM's layout
     strategy = trainer.get("strategy")
-    strategy_name = strategy if isinstance(strategy, str) else OmegaConf.select(strategy, "_target_", default="")
+    strategy_name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy
     devices, nodes = _int_or_none(trainer.get("devices")), _int_or_none(trainer.get("num_nodes")) or 1
     several_processes = devices is None or devices != 1 or nodes > 1  # None: "auto" / a device list
     if "ddp" in str(strategy_name).lower() and several_processes:
