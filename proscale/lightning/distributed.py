@@ -21,10 +21,12 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from omegaconf import DictConfig, open_dict
 
-from proscale.utils.launch import under_slurm_task, under_torchrun
+from proscale.utils.launch import restart_count, under_slurm_task, under_torchrun
 from proscale.utils.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -136,6 +138,25 @@ def check_launch(cfg: DictConfig) -> None:
         check_master_port()
 
 
+def attempt_store(timeout: timedelta | None) -> torch.distributed.Store | None:
+    """Under torchrun's agent store: a client of it whose keys are prefixed with this restart attempt, else None.
+
+    torch prefixes the process group's keys per attempt only when the rendezvous creates a new store per round;
+    the static rendezvous (``--master-addr``/``--master-port``, torchrun's default) keeps one store for all
+    attempts, so after ``--max-restarts`` a restarted rank would read the dead ranks' gloo addresses from the
+    previous attempt and fail with "Connection refused"."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    client = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout or timedelta(minutes=30),
+    )
+    return torch.distributed.PrefixStore(f"/proscale/attempt_{restart_count()}", client)
+
+
 class DDPStrategy(LightningDDPStrategy):
     """Lightning's ``DDPStrategy`` whose collectives are bounded by ``timeout_s`` seconds.
 
@@ -173,7 +194,18 @@ class DDPStrategy(LightningDDPStrategy):
 
     def setup_distributed(self) -> None:
         with self._named("process-group initialisation (rendezvous)"):
-            super().setup_distributed()
+            store = attempt_store(self._timeout)
+            if store is None:
+                super().setup_distributed()
+                return
+            # Lightning's setup_distributed, with the process group's store given explicitly
+            reset_seed()
+            self.set_world_ranks()
+            self._process_group_backend = self._get_process_group_backend()
+            kwargs: dict[str, Any] = {"timeout": self._timeout, "store": store}
+            if self.root_device.type != "cpu":
+                kwargs["device_id"] = self.root_device
+            _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         name = args[0] if args else kwargs.get("name")
