@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
-from proscale.lightning.distributed import check_launch, trainer_config_for_launch
+from proscale.lightning.distributed import check_launch, module_config_for_precision, trainer_config_for_launch
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from proscale.utils.io import remove_stale_temporaries
@@ -56,7 +56,8 @@ def build_datamodule_and_module(cfg: DictConfig) -> tuple[Any, Any]:
         model_cfg.num_classes = meta.num_classes
     model = hydra.utils.instantiate(model_cfg)
     # Built as a partial and then called: Hydra would turn the DatasetMeta dataclass into a config node.
-    module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
+    module_cfg = module_config_for_precision(cfg.module, cfg.trainer)  # AMP + clipping needs an unfused AdamW
+    module_factory = hydra.utils.instantiate(module_cfg, _partial_=True)
     module = module_factory(model=model, meta=meta, model_config=OmegaConf.to_container(model_cfg, resolve=True))
     return datamodule, module
 

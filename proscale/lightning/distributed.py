@@ -3,6 +3,8 @@
 - :func:`trainer_config_for_launch`: the trainer config as this machine can run it; ``sync_batchnorm`` (on in
   ``trainer=ddp``) is kept only where SyncBatchNorm exists, i.e. on CUDA devices, so the same ``trainer=ddp``
   runs on CPU (gloo) with ``trainer.accelerator=cpu``.
+- :func:`module_config_for_precision`: the optimizer unfused where Lightning's mixed precision must clip its
+  gradients (``trainer.precision=bf16-mixed|16-mixed`` with ``gradient_clip_val``).
 - :func:`check_launch`: ``trainer.num_nodes`` / ``trainer.devices`` against the process layout torchrun started,
   and a ``MASTER_PORT`` that is already taken, each as a ``ValueError`` that says what to change, before any
   process waits for another.
@@ -65,6 +67,22 @@ def trainer_config_for_launch(trainer_cfg: DictConfig) -> DictConfig:
         with open_dict(trainer_cfg):
             trainer_cfg.sync_batchnorm = False
     return trainer_cfg
+
+
+def module_config_for_precision(module_cfg: DictConfig, trainer_cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg.module`` whose AdamW is not fused under mixed precision with gradient clipping: Lightning
+    refuses to clip the gradients of an optimizer that unscales them itself (the fused kernels), and the recipe
+    clips every step. ``module.optimizer.fused`` set explicitly is kept."""
+    precision = str(trainer_cfg.get("precision"))
+    optimizer = module_cfg.get("optimizer")
+    if "mixed" not in precision or not trainer_cfg.get("gradient_clip_val") or optimizer is None:
+        return module_cfg
+    if optimizer.get("fused") is not None:
+        return module_cfg
+    module_cfg = module_cfg.copy()
+    with open_dict(module_cfg):
+        module_cfg.optimizer.fused = False
+    return module_cfg
 
 
 def _int_or_none(value: Any) -> int | None:
