@@ -9,6 +9,7 @@ e.g. ``proscale-train experiment=cpu_synthetic trainer.max_steps=50`` or ``prosc
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from proscale.utils.launch import register_resolvers
+from proscale.utils.launch import MissingLauncherPluginError, check_launcher_plugin, register_resolvers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = os.environ.get("PROSCALE_CONFIG_DIR") or str(REPO_ROOT / "conf")
@@ -40,6 +41,12 @@ def apply_extras(cfg: DictConfig) -> None:
 
 
 def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
+    try:  # a missing launcher plugin: one clear line instead of Hydra's "option not found" or a failed sweep
+        check_launcher_plugin(sys.argv[1:])
+    except MissingLauncherPluginError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
         from proscale.utils.cpu_memory import retain_freed_memory

@@ -95,3 +95,34 @@ def own_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def restart_count() -> int:
     """torchrun's restart counter of this worker group (0 on the first attempt and outside torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+# hydra/launcher choices that need the hydra-submitit-launcher plugin (conf/hydra/launcher/ and the plugin's own)
+SUBMITIT_LAUNCHERS = ("slurm", "submitit_slurm", "submitit_local")
+
+
+class MissingLauncherPluginError(ValueError):
+    """A ``hydra/launcher=`` choice whose plugin is not installed."""
+
+
+def submitit_plugin_available() -> bool:
+    try:
+        import hydra_plugins.hydra_submitit_launcher.submitit_launcher  # noqa: F401
+        import submitit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_launcher_plugin(argv: list[str]) -> None:
+    """Raise :class:`MissingLauncherPluginError` when the command line picks a submitit launcher
+    (``hydra/launcher=slurm|submitit_slurm|submitit_local``) and the plugin cannot be imported; Hydra itself would
+    only say that the config option does not exist, or fail deep inside the sweep."""
+    for arg in argv:
+        key, _, choice = arg.removeprefix("override ").removeprefix("+").partition("=")
+        if key == "hydra/launcher" and choice in SUBMITIT_LAUNCHERS and not submitit_plugin_available():
+            raise MissingLauncherPluginError(
+                f"{key}={choice} runs the sweep through submitit, but the hydra-submitit-launcher plugin is not "
+                "installed: pip install 'proscale[slurm]' (from a checkout: pip install -e '.[slurm]'), or run the "
+                "sweep with the default launcher (drop the hydra/launcher override)."
+            )
