@@ -204,8 +204,11 @@ class DDPStrategy(LightningDDPStrategy):
             ):
                 raise
             limit = f"{self.timeout_s:g} s" if self.timeout_s is not None else "the default timeout"
+            rank, world = self.global_rank, self.world_size
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             raise CollectiveTimeoutError(
-                f"rank {self.global_rank}/{self.world_size}: {operation} did not complete (limit "
+                f"rank {rank}/{world}: {operation} did not complete (limit "
                 f"trainer.strategy.timeout_s = {limit}; a peer process died, hangs or runs different code): "
                 f"{type(error).__name__}: {str(error).strip()[:500]}"
             ) from error
