@@ -470,7 +470,10 @@ def bench_train_options(bench: Bench, options: list[str]) -> None:
         lambda **kw: instantiate(cfg.model, **kw), bench.device, batch, size, 10, options, bench.repeats, points
     )
     bench.values["train_options"] = {
-        "preset": f"conf/experiment/{preset}.yaml", "batch_size": batch, "image_size": list(size), "rows": rows
+        "preset": f"conf/experiment/{preset}.yaml",
+        "batch_size": batch,
+        "image_size": list(size),
+        "rows": rows,
     }
     for row in rows:
         log(f"train option {row['option']}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "option"))
@@ -707,7 +710,9 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["wall", "cpu"],
         help="wall time (default), or process CPU time for --threads 1 runs on a CPU shared with other jobs",
     )
-    parser.add_argument("--sections", default="op,pixdec,models,train", help="comma list of: op, pixdec, models, train, options")
+    parser.add_argument(
+        "--sections", default="op,pixdec,models,train", help="comma list of: op, pixdec, models, train, options"
+    )
     parser.add_argument(
         "--train-options",
         nargs="?",

@@ -130,9 +130,9 @@ def check_precision(report: dict, device: torch.device) -> None:
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     """One NCCL rank: batch 1 (image ``rank`` of the global batch), one forward + loss + backward under DDP."""
+    from proscale.analysis.train_options import synthetic_targets
     from proscale.lightning.testing import same_points_rand
     from proscale.models.criterion import SetCriterion
-    from proscale.analysis.train_options import synthetic_targets
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -211,10 +211,24 @@ def flops_table(report: dict) -> None:
     log(f"gflops: {len(rows)} models")
 
 
-def check_throughput(report: dict, quick: bool) -> None:
+def _time_model(backbone_override, overrides, device, train_size, infer_size, repeats) -> dict[str, float]:
+    """Training images/s (batch 2, fp32) and inference ms/img (batch 1, no grad) of one model."""
     from proscale.analysis.speed import time_fn
     from proscale.analysis.train_options import make_train_step
 
+    def builder(**kwargs: Any) -> torch.nn.Module:
+        return build(backbone_override, *overrides, **kwargs)
+
+    step, model = make_train_step(builder, "default", device, 2, train_size, 133)
+    train = time_fn(step, warmup=2, repeats=repeats, device=device, batch_size=2)
+    model.eval()
+    images = torch.randn(1, 3, *infer_size, device=device)
+    with torch.no_grad():
+        infer = time_fn(lambda: model(images), warmup=2, repeats=repeats, device=device)
+    return {"train_images_per_s": train.images_per_s, "infer_ms_per_img": infer.median_ms}
+
+
+def check_throughput(report: dict, quick: bool) -> None:
     device = torch.device("cuda")
     train_size, infer_size = ((512, 512), (400, 544)) if quick else ((1024, 1024), (800, 1088))
     repeats = 3 if quick else 10
@@ -224,15 +238,8 @@ def check_throughput(report: dict, quick: bool) -> None:
             key = f"{name}, {backbone}"
             row: dict[str, Any] = {}
             try:
-                builder = lambda **kw: build(backbone_override, *overrides, **kw)  # noqa: E731
-                step, model = make_train_step(builder, "default", device, 2, train_size, 133)
-                row["train_images_per_s"] = time_fn(step, warmup=2, repeats=repeats, device=device, batch_size=2).images_per_s
-                model.eval()
-                images = torch.randn(1, 3, *infer_size, device=device)
-                with torch.no_grad():
-                    row["infer_ms_per_img"] = time_fn(lambda: model(images), warmup=2, repeats=repeats, device=device).median_ms
-                del step, model
-                torch.cuda.empty_cache()
+                row.update(_time_model(backbone_override, overrides, device, train_size, infer_size, repeats))
+                torch.cuda.empty_cache()  # the model of this row is gone: its memory goes back to the next one
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
             row.update(report.get("gflops", {}).get("models", {}).get(key, {}))
@@ -269,8 +276,11 @@ def markdown(report: dict) -> str:
     if "ddp" in report:
         d = report["ddp"]
         lines += ["## DDP (NCCL, one node)", ""]
-        lines += [f"{d['processes']} process(es): max gradient difference vs one process {d['max_grad_diff']:.2e} "
-                  f"(tolerance {d['tolerance']}): {'ok' if d['ok'] else '**not ok**'}. {d['note']}", ""]
+        lines += [
+            f"{d['processes']} process(es): max gradient difference vs one process {d['max_grad_diff']:.2e} "
+            f"(tolerance {d['tolerance']}): {'ok' if d['ok'] else '**not ok**'}. {d['note']}",
+            "",
+        ]
     if "throughput" in report or "gflops" in report:
         t = report.get("throughput")
         models = (t or report["gflops"])["models"]

@@ -107,20 +107,35 @@ def _check_ddp_run(tmp: Path, name: str, single: tuple[Path, Path]) -> None:
 def test_two_loopback_nodes_match_single_process(tmp_path, single_process):
     port = free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    script = [TRAIN, *_overrides(tmp_path, "ddp"), *DDP_CPU, "trainer.devices=1", "trainer.num_nodes=2", "data.batch_size=1"]
+    script = [
+        TRAIN,
+        *_overrides(tmp_path, "ddp"),
+        *DDP_CPU,
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        "data.batch_size=1",
+    ]
     nodes = [start(torchrun(*common, "--node-rank", str(rank), *script)) for rank in (0, 1)]
     outcomes = [finish(node) for node in nodes]
     for code, output in outcomes:
         assert code == 0, output[-4000:]
-    assert "sync_batchnorm=true applies to CUDA devices only" in (tmp_path / "logs").joinpath(
-        "train", "runs", "tiny", f"torchrun-127.0.0.1_{port}", "train.log"
-    ).read_text()
+    assert (
+        "sync_batchnorm=true applies to CUDA devices only"
+        in (tmp_path / "logs").joinpath("train", "runs", "tiny", f"torchrun-127.0.0.1_{port}", "train.log").read_text()
+    )
     _check_ddp_run(tmp_path, "ddp", single_process)
 
 
 def test_two_processes_one_node_match_single_process(tmp_path, single_process):
     port = free_port()
-    script = [TRAIN, *_overrides(tmp_path, "ddp"), *DDP_CPU, "trainer.devices=2", "trainer.num_nodes=1", "data.batch_size=1"]
+    script = [
+        TRAIN,
+        *_overrides(tmp_path, "ddp"),
+        *DDP_CPU,
+        "trainer.devices=2",
+        "trainer.num_nodes=1",
+        "data.batch_size=1",
+    ]
     args = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "--rdzv-id", "job42"]
     code, output = run(torchrun(*args, *script))
     assert code == 0, output[-4000:]

@@ -104,11 +104,12 @@ def check_torchrun_layout(devices: Any, num_nodes: Any, environ: dict[str, str] 
     if num_nodes is not None and num_nodes != nodes:
         problems.append(f"trainer.num_nodes={num_nodes} but torchrun started {nodes} node(s) (--nnodes)")
     if devices is not None and devices > 0 and devices != local:
-        problems.append(f"trainer.devices={devices} but torchrun started {local} process(es) per node (--nproc-per-node)")
+        problems.append(
+            f"trainer.devices={devices} but torchrun started {local} process(es) per node (--nproc-per-node)"
+        )
     if problems:
         raise ValueError(
-            "; ".join(problems)
-            + f" (WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local}). Set trainer.num_nodes={nodes} "
+            "; ".join(problems) + f" (WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local}). Set trainer.num_nodes={nodes} "
             f"trainer.devices={local}, or launch torchrun with --nnodes {num_nodes} --nproc-per-node {devices}."
         )
 
