@@ -162,6 +162,9 @@ def test_a_part_that_fails_to_compile_runs_eagerly_with_a_warning(monkeypatch):
         warnings.simplefilter("error")  # warned once; later calls run eagerly without trying again
         torch.testing.assert_close(parts("decoder", layer, x), layer(x))
     assert parts("backbone", layer, x).shape == (4, 2)  # not a compiled part: plain call
+    meta_parts = CompiledParts(("encoder",))
+    assert meta_parts("encoder", layer.to("meta"), [torch.empty(4, 3, device="meta")][0]).device.type == "meta"
+    assert not meta_parts.compiled and not meta_parts.failed  # FLOP counting on meta tensors never compiles
 
 
 @pytest.mark.slow  # inductor builds C++ kernels on the CPU: minutes on a busy 2-core machine

@@ -104,7 +104,8 @@ class CompiledParts:
         self.failed: dict[str, str] = {}
 
     def __call__(self, name: str, module: nn.Module, *args: Any) -> Any:
-        if name not in self.parts or name in self.failed:
+        if name not in self.parts or name in self.failed or _on_meta(args):
+            # meta tensors: FLOP counting (proscale.analysis.flops) runs the plain modules
             return module(*args)
         compiled = self.compiled.get(name)
         if compiled is None:
@@ -116,3 +117,12 @@ class CompiledParts:
             self.failed[name] = reason
             warnings.warn(f"model.compile: the {name} could not be compiled ({reason}); it runs eagerly", stacklevel=2)
             return module(*args)
+
+
+def _on_meta(args: tuple) -> bool:
+    """Whether the first tensor among ``args`` (tensors or lists of tensors) is a meta tensor."""
+    for arg in args:
+        first = arg[0] if isinstance(arg, (list, tuple)) and arg else arg
+        if isinstance(first, torch.Tensor):
+            return first.device.type == "meta"
+    return False
