@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from proscale.models.compute_options import (
@@ -78,7 +79,8 @@ class Mask2Former(nn.Module):
         set_activation_checkpointing(self, parse_parts(checkpointing, CHECKPOINT_PARTS, "model.checkpointing"))
         compile_parts = parse_parts(compile, COMPILE_PARTS, "model.compile")
         if compile_parts:
-            check_compiler("cpu")  # fail at build time, with a clear message, when there is no working compiler
+            # fail at build time, with a clear message, when there is no working compiler for the device it will use
+            check_compiler("cuda" if torch.cuda.is_available() else "cpu")
         self._parts = CompiledParts(compile_parts)
 
     def forward(self, images: Tensor) -> dict:
