@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from proscale.config_paths import REPO_ROOT, config_dir, default_project_root, register_search_path_plugin  # noqa: F401
+from proscale.utils.launch import MissingLauncherPluginError, check_launcher_plugin, register_resolvers
 
 CONFIG_DIR = config_dir()
 os.environ.setdefault("PROJECT_ROOT", str(default_project_root()))
@@ -28,6 +30,7 @@ register_search_path_plugin()
 # No network at run time unless the user opts in: W&B logs offline, Hugging Face never queries the hub.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+register_resolvers()  # ${run_folder:...} / ${rank_log_suffix:} of conf/hydra/default.yaml
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -50,6 +53,11 @@ def _hydra_app(config_name: str, task_path: str, exit_status: Callable[[dict], i
             f"proscale: no {config_name}.yaml in the config directory {CONFIG_DIR} (set PROSCALE_CONFIG_DIR to a "
             "complete config tree, e.g. the repository's conf/, or unset it)"
         )
+    try:  # a missing launcher plugin: one clear line instead of Hydra's "option not found" or a failed sweep
+        check_launcher_plugin(sys.argv[1:])
+    except MissingLauncherPluginError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:

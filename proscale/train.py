@@ -20,10 +20,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
+from proscale.lightning.distributed import check_launch, module_config_for_precision, trainer_config_for_launch
 from proscale.models.backbone_weights import NOT_SET, pretrained_choice, require_backbone_weights
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from proscale.utils.io import remove_stale_temporaries
+from proscale.utils.launch import launch_run_name, own_resume_checkpoint
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.results import COMPUTE_KEYS, headline_metrics, write_results
 from proscale.utils.rich_utils import print_metrics_table
@@ -65,7 +67,8 @@ def build_datamodule_and_module(
     if weights is not None and load_weights:
         load_weights_into(model, weights, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     # Built as a partial and then called: Hydra would turn the DatasetMeta dataclass into a config node.
-    module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
+    module_cfg = module_config_for_precision(cfg.module, cfg.trainer)  # AMP + clipping needs an unfused AdamW
+    module_factory = hydra.utils.instantiate(module_cfg, _partial_=True)
     module = module_factory(
         model=model,
         meta=meta,
@@ -108,7 +111,8 @@ def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[s
     if any("Wandb" in type(lg).__name__ for lg in loggers):
         callbacks.append(WandbExtras(summary={f"tag/{k}": v for k, v in tags.items() if v is not None}))
     checkpoint_io = AtomicCheckpointIO(allow_unsafe=bool(cfg.get("allow_unsafe_load", False)))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[checkpoint_io])
+    trainer_cfg = trainer_config_for_launch(cfg.trainer)  # e.g. sync_batchnorm only on CUDA
+    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[checkpoint_io])
     run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # the hydra node is Hydra's, not the run's
     hparams = {"cfg": OmegaConf.to_container(OmegaConf.create(run_cfg), resolve=True), "tags": tags}
     for logger in loggers:
@@ -193,12 +197,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start = time.perf_counter()
     require_backbone_weights(cfg)  # the COCO / ADE20K / Cityscapes presets, before any data is read
     set_num_threads(cfg.get("num_threads"))
+    check_launch(cfg)  # trainer.num_nodes / devices vs torchrun's layout, a taken MASTER_PORT: fail before waiting
     remove_stale_temporaries(cfg.paths.output_dir)
     pretrain_info = maybe_pretrain_backbone(cfg)
     # seeded after the (possibly cached) pre-training, so a run is the same whether it trained it or reused it
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir, cfg.paths.output_dir)
+    if ckpt_path is None and cfg.get("train", True) and launch_run_name(cfg.get("run_id")):
+        # torchrun restart / SLURM requeue / same run_id: the run folder is stable, continue from its own checkpoint
+        own = own_resume_checkpoint(cfg.paths.output_dir)
+        ckpt_path = str(own) if own is not None else None
+        if own is not None:
+            log.info(f"resuming this run's own checkpoint {own}")
     weights = read_weights_from_cfg(cfg)
     if weights is not None and ckpt_path is not None:
         log.info(f"resuming from {ckpt_path}: weights={weights.path} only sets the model config, not the weights")

@@ -16,6 +16,8 @@ time is the median of repeated runs after warm-up (``proscale.analysis.speed``).
    measured in the same run.
 4. training step (forward + loss + backward + clipping + AdamW) of the CPU preset of the main job
    (``conf/experiment/cpu_synthetic.yaml``) on a synthetic batch: images/s and peak memory.
+5. (``--train-options``, or ``--sections options``) the same training step with each compute / memory switch
+   (``model.checkpointing``, bf16-mixed, ``model.compile``; fp16 on CUDA) vs the default: time and peak memory.
 
 ``--quick`` runs everything at reduced sizes and repeats (under a minute on an idle 2-core CPU); its
 ratios are indicative only. A section that fails is reported (with its error) and the others still run.
@@ -449,6 +451,34 @@ def bench_train_step(bench: Bench) -> None:
     log(f"train step: {timing.median_ms:.0f} ms for {batch} images ({timing.images_per_s:.1f} img/s)")
 
 
+def bench_train_options(bench: Bench, options: list[str]) -> None:
+    """Training step time and peak memory of each compute / memory switch vs the default
+    (:mod:`proscale.analysis.train_options`): the cpu_synthetic preset's model and batch, or the tiny preset's
+    with --quick."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from proscale.analysis.train_options import measure_train_options
+    from proscale.cli import CONFIG_DIR
+
+    preset = "tiny" if bench.quick else "cpu_synthetic"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={preset}"])
+    size = (int(cfg.data.height), int(cfg.data.width))
+    batch, points = int(cfg.data.batch_size), int(cfg.module.criterion.num_points)
+    rows = measure_train_options(
+        lambda **kw: instantiate(cfg.model, **kw), bench.device, batch, size, 10, options, bench.repeats, points
+    )
+    bench.values["train_options"] = {
+        "preset": f"conf/experiment/{preset}.yaml",
+        "batch_size": batch,
+        "image_size": list(size),
+        "rows": rows,
+    }
+    for row in rows:
+        log(f"train option {row['option']}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "option"))
+
+
 # --- report ---------------------------------------------------------------------------------------------
 
 
@@ -576,6 +606,15 @@ def markdown(bench: Bench, info: dict, command: str) -> str:
             f"- peak tensor memory of one step: {t['peak_mb']:.0f} MB",
             "",
         ]
+    if "train_options" in v:
+        from proscale.analysis.train_options import options_markdown
+
+        t = v["train_options"]
+        setting = (
+            f"{t['preset']}: one training step (forward + loss + backward + clipping + AdamW) on a synthetic batch of"
+            f" {t['batch_size']} images at {t['image_size'][0]}x{t['image_size'][1]}, each switch alone vs the default."
+        )
+        lines += options_markdown(t["rows"], "Compute and memory options (training step)", setting)
     if bench.errors:
         lines += ["## Sections that failed", ""] + [f"- {k}: `{e}`" for k, e in bench.errors.items()] + [""]
     lines += ["## Missed targets", ""]
@@ -671,7 +710,16 @@ def main(argv: list[str] | None = None) -> dict:
         choices=["wall", "cpu"],
         help="wall time (default), or process CPU time for --threads 1 runs on a CPU shared with other jobs",
     )
-    parser.add_argument("--sections", default="op,pixdec,models,train", help="comma list of: op, pixdec, models, train")
+    parser.add_argument(
+        "--sections", default="op,pixdec,models,train", help="comma list of: op, pixdec, models, train, options"
+    )
+    parser.add_argument(
+        "--train-options",
+        nargs="?",
+        const="default,checkpointing,bf16,compile",
+        help="add the training-options section: step time and peak memory of each of default, checkpointing, bf16, "
+        "fp16 (CUDA), compile (comma list; no value = all but fp16); --sections options runs it alone",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -689,8 +737,13 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info(args.device)
     info["clock"] = args.clock
     info["cpu_memory_reuse"] = f"{retained} (proscale/utils/cpu_memory.py, {ENV_VAR})"
+    options = (args.train_options or "default,checkpointing,bf16,compile").split(",")
     sections = {"op": bench_op, "pixdec": bench_pixdec_vs_hf, "models": bench_models, "train": bench_train_step}
-    for name in args.sections.split(","):
+    sections["options"] = lambda bench: bench_train_options(bench, options)
+    names = args.sections.split(",")
+    if args.train_options and "options" not in names:
+        names.append("options")
+    for name in names:
         if name not in sections:
             parser.error(f"unknown section {name!r}; valid: {', '.join(sections)}")
         bench.run_section(name, lambda name=name: sections[name](bench))

@@ -359,12 +359,21 @@ class WandbExtras(Callback):
 
 class FaultInjection(Callback):
     """Test aid: the process kills itself with SIGKILL when training reaches ``kill_at_step`` (no clean-up, no
-    final writes), as a preempted or OOM-killed job would die. Used by the resume test."""
+    final writes), as a preempted or OOM-killed job would die. Used by the resume tests. ``rank``: only this
+    global rank dies (None = every rank); ``attempt``: only in this torchrun attempt (``TORCHELASTIC_RESTART_COUNT``;
+    None = every attempt), so that a restarted group runs through."""
 
-    def __init__(self, kill_at_step: int) -> None:
+    def __init__(self, kill_at_step: int, rank: int | None = None, attempt: int | None = None) -> None:
         self.kill_at_step = int(kill_at_step)
+        self.rank, self.attempt = rank, attempt
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        from proscale.utils.launch import restart_count
+
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if self.attempt is not None and restart_count() != self.attempt:
+            return
         if trainer.global_step >= self.kill_at_step:
             import os
             import signal

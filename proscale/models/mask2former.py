@@ -7,8 +7,19 @@ separate modules.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
+from proscale.models.compute_options import (
+    CHECKPOINT_PARTS,
+    COMPILE_PARTS,
+    CompiledParts,
+    check_compiler,
+    parse_parts,
+    set_activation_checkpointing,
+)
 from proscale.models.encoders.base import MultiScaleEncoder
 from proscale.models.pixel_decoder import PixelDecoder
 from proscale.models.transformer_decoder import MaskedTransformerDecoder
@@ -24,6 +35,9 @@ class Mask2Former(nn.Module):
         num_classes: K, classes without "no object".
         conv_dim, mask_dim, lpe: pixel decoder channels / mask-feature channels / light pixel embedding.
         num_queries, dec_layers, hidden_dim, dim_feedforward, nheads: transformer decoder (100, 9, 256, 2048, 8).
+        compile: ``torch.compile`` the ``backbone`` / ``encoder`` / ``decoder`` (true = all, or a list); a part
+            that cannot compile runs eagerly with a warning (``proscale/models/compute_options.py``).
+        checkpointing: activation checkpointing of the ``encoder`` and/or ``decoder`` layers (true = both).
 
     forward(images (B, 3, H, W), normalized, H and W multiples of 32) ->
         {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4),
@@ -43,6 +57,8 @@ class Mask2Former(nn.Module):
         hidden_dim: int = 256,
         dim_feedforward: int = 2048,
         nheads: int = 8,
+        compile: Any = False,
+        checkpointing: Any = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -60,12 +76,25 @@ class Mask2Former(nn.Module):
             dec_layers=dec_layers,
             mask_dim=mask_dim,
         )
+        set_activation_checkpointing(self, parse_parts(checkpointing, CHECKPOINT_PARTS, "model.checkpointing"))
+        compile_parts = parse_parts(compile, COMPILE_PARTS, "model.compile")
+        if compile_parts:
+            # fail at build time, with a clear message, when there is no working compiler for the device it will use
+            check_compiler("cuda" if torch.cuda.is_available() else "cpu")
+        self._parts = CompiledParts(compile_parts)
 
     def forward(self, images: Tensor) -> dict:
         check_images(images)
-        features = self.backbone(images)
-        pixels = self.pixel_decoder(features)
-        return self.transformer_decoder(pixels.multi_scale_features, pixels.mask_features)
+        run = self._parts  # plain call of each part, or its compiled version (model.compile)
+        features = run("backbone", self.backbone, images)
+        pixels = self.pixel_decoder(features, lambda feats: run("encoder", self.pixel_decoder.encoder, feats))
+        return run("decoder", self.transformer_decoder, pixels.multi_scale_features, pixels.mask_features)
+
+    def __getstate__(self) -> dict:
+        # compiled graphs are per process and not copyable: a copy (EMA, spawn) compiles again on first use
+        state = dict(super().__getstate__())
+        state["_parts"] = CompiledParts(state["_parts"].parts, **state["_parts"].options)
+        return state
 
 
 def check_images(images: Tensor, channels: int = 3) -> None:

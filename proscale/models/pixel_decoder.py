@@ -16,6 +16,7 @@ function, same parameters and state-dict keys; training (autograd recording) run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,18 +125,19 @@ class PixelDecoder(nn.Module):
             c2_xavier_fill(self.layer_1[0])
         c2_xavier_fill(self.mask_features)
 
-    def forward(self, features: dict[str, Tensor]) -> PixelDecoderOutput:
+    def forward(self, features: dict[str, Tensor], encoder: Callable | None = None) -> PixelDecoderOutput:
+        """``encoder``: what to call instead of ``self.encoder`` (its compiled version, ``model.compile``)."""
         device_type = features["res5"].device.type
         # meta tensors (compute analysis) never run under autocast, and torch raises when asked about them
         if device_type != "meta" and torch.is_autocast_enabled(device_type):
             # the original runs the whole pixel decoder in fp32 (deformable sampling is not half-safe)
             with torch.autocast(device_type=device_type, enabled=False):
-                return self._forward({k: v.float() for k, v in features.items()})
-        return self._forward(features)
+                return self._forward({k: v.float() for k, v in features.items()}, encoder)
+        return self._forward(features, encoder)
 
-    def _forward(self, features: dict[str, Tensor]) -> PixelDecoderOutput:
+    def _forward(self, features: dict[str, Tensor], encoder: Callable | None = None) -> PixelDecoderOutput:
         fast = self._fast_path_applies(features["res2"])
-        encoded = self.encoder(self.project_inputs(features, fast))
+        encoded = (encoder or self.encoder)(self.project_inputs(features, fast))
         mask_features = self.stride4_features(features["res2"], encoded[-1], fast)
         return PixelDecoderOutput(mask_features=mask_features, multi_scale_features=list(encoded))
 

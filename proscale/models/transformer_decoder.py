@@ -12,7 +12,9 @@ Module names follow the original implementation, so detectron2 checkpoints map o
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from proscale.models.pixel_decoder import c2_xavier_fill
@@ -140,6 +142,10 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
+    # Activation checkpointing (``model.checkpointing``, set by Mask2Former): while training, each layer keeps only
+    # its inputs and recomputes its activations in the backward pass.
+    activation_checkpointing: bool = False
+
     def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor) -> dict:
         if len(multi_scale_features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature maps, got {len(multi_scale_features)}")
@@ -161,14 +167,23 @@ class MaskedTransformerDecoder(nn.Module):
             level = i % self.num_levels
             # a query whose mask hides every position attends everywhere instead
             attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
-            output = self.transformer_cross_attention_layers[i](
-                output, memories[level], attn_mask, positions[level], query_pos
-            )
-            output = self.transformer_self_attention_layers[i](output, query_pos)
-            output = self.transformer_ffn_layers[i](output)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                output = torch.utils.checkpoint.checkpoint(
+                    self._layer, i, output, memories[level], attn_mask, positions[level], query_pos, use_reentrant=False
+                )
+            else:
+                output = self._layer(i, output, memories[level], attn_mask, positions[level], query_pos)
             logits, masks, attn_mask = self._predict(output, mask_features, sizes[(i + 1) % self.num_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
+
+    def _layer(
+        self, i: int, output: Tensor, memory: Tensor, attn_mask: Tensor, pos: Tensor, query_pos: Tensor
+    ) -> Tensor:
+        """Decoder layer ``i``: masked cross-attention, self-attention, FFN on the queries (B, Q, C)."""
+        output = self.transformer_cross_attention_layers[i](output, memory, attn_mask, pos, query_pos)
+        output = self.transformer_self_attention_layers[i](output, query_pos)
+        return self.transformer_ffn_layers[i](output)
 
     def _predict(
         self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]

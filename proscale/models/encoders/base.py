@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from proscale.models.ops import MSDeformAttn
@@ -83,7 +84,25 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
+    # Activation checkpointing (``model.checkpointing``, set by Mask2Former): while training, keep only the layer's
+    # inputs and recompute its activations in the backward pass (less memory, one more forward of the layer).
+    activation_checkpointing: bool = False
+
     def forward(
+        self,
+        tokens: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        num_queries: int | None = None,
+    ) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, tokens, pos, reference_points, spatial_shapes, num_queries, use_reentrant=False
+            )
+        return self._forward(tokens, pos, reference_points, spatial_shapes, num_queries)
+
+    def _forward(
         self,
         tokens: Tensor,
         pos: Tensor,
