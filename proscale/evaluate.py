@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     path = str(loaded.path)
     del loaded
     tags = run_tags(cfg)
-    trainer = build_trainer(cfg, wandb_settings(cfg, tags, None), tags)
+    trainer = build_trainer(cfg, wandb_settings(cfg, tags, None), tags, module.hparams.get("model_config"))
     if is_overridden("test_dataloader", datamodule):
         trainer.test(module, datamodule=datamodule)
     else:

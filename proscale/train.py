@@ -29,7 +29,7 @@ from proscale.utils.launch import launch_run_name, own_resume_checkpoint
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.results import COMPUTE_KEYS, headline_metrics, write_results
 from proscale.utils.rich_utils import print_metrics_table
-from proscale.utils.run_info import hydra_runtime, run_tags, wandb_tag_list
+from proscale.utils.run_info import hydra_runtime, logged_hyperparameters, run_tags, wandb_tag_list
 from proscale.utils.task import task_wrapper
 from proscale.weights import LoadedWeights, load_weights_into
 from proscale.weights.tasks import read_weights_from_cfg, training_model_config
@@ -103,7 +103,11 @@ def test_transform_configs(cfg_data: DictConfig, datamodule: Any) -> list[dict] 
     return configs
 
 
-def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[str, Any]) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[str, Any], model_config: dict | None = None
+) -> L.Trainer:
+    """The Lightning trainer with the configured callbacks and loggers; the loggers record the run's config
+    flattened, with ``model_config`` (what the model was built with) in place of ``cfg.model``."""
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
@@ -113,8 +117,7 @@ def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[s
     checkpoint_io = AtomicCheckpointIO(allow_unsafe=bool(cfg.get("allow_unsafe_load", False)))
     trainer_cfg = trainer_config_for_launch(cfg.trainer)  # e.g. sync_batchnorm only on CUDA
     trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[checkpoint_io])
-    run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # the hydra node is Hydra's, not the run's
-    hparams = {"cfg": OmegaConf.to_container(OmegaConf.create(run_cfg), resolve=True), "tags": tags}
+    hparams = logged_hyperparameters(cfg, tags, model_config)
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return trainer
@@ -222,7 +225,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_state_dict_fits(module, checkpoint, ckpt_path)
         log.info(f"resuming from {ckpt_path}")
     tags = run_tags(cfg)
-    trainer = build_trainer(cfg, wandb_settings(cfg, tags, checkpoint), tags)
+    trainer = build_trainer(cfg, wandb_settings(cfg, tags, checkpoint), tags, module.hparams.get("model_config"))
     del checkpoint
 
     if cfg.get("train", True):

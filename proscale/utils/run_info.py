@@ -72,3 +72,25 @@ def wandb_tag_list(tags: dict[str, Any], extra: list[str] | None = None) -> list
     if tags.get("schedule"):
         out.append(f"schedule:{tags['schedule']}")
     return out + list(extra or [])
+
+
+def flatten(tree: Any, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [2, 3]}`` -> ``{"a/b": 1, "c": [2, 3]}``: nested dicts become searchable keys; lists
+    stay values (a schedule ``[3, 3, 3]`` is one setting)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        flat.update(flatten(value, name, sep) if isinstance(value, dict) and value else {name: value})
+    return flat
+
+
+def logged_hyperparameters(cfg: DictConfig, tags: dict[str, Any], model_config: dict | None) -> dict[str, Any]:
+    """The run's config as loggers (W&B, CSV, TensorBoard) record it: flattened to ``cfg/model/num_classes``-style
+    keys, with the ``model`` node replaced by the config the model was actually built with (the dataset's class
+    count, the architecture read off ``weights=``), plus the run's tags under ``tags/``."""
+    run_cfg = OmegaConf.to_container(OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}), resolve=True)
+    if model_config is not None:
+        run_cfg["model"] = model_config
+    return {**flatten(run_cfg, "cfg"), **flatten(dict(tags), "tags")}
