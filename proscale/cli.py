@@ -9,6 +9,7 @@ e.g. ``proscale-train experiment=cpu_synthetic trainer.max_steps=50`` or ``prosc
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,25 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
 
 
+def run_reporting_errors(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -> tuple[dict, dict]:
+    """Run ``task(cfg)``; a failure ends the process with one message and exit status 1 (130 / 143 after
+    SIGINT / SIGTERM) instead of Hydra's traceback. The traceback is in ``results.json``; ``HYDRA_FULL_ERROR=1``
+    or ``extras.full_traceback=true`` lets it through to the terminal as well."""
+    from proscale.utils.task import error_message, interrupted_by, show_tracebacks
+
+    try:
+        return task(cfg)
+    except BaseException as error:
+        interruption = interrupted_by(error)
+        if interruption is None and (show_tracebacks(cfg) or isinstance(error, SystemExit)):
+            raise
+        if not getattr(error, "reported", False):  # task_wrapper has logged it already
+            print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
+        if interruption is not None:
+            sys.exit(interruption.exit_code)
+        sys.exit(1)
+
+
 def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
@@ -43,7 +63,7 @@ def _hydra_app(config_name: str, task: Callable[[DictConfig], tuple[dict, dict]]
 
         retain_freed_memory()  # large CPU activations reuse warm memory (see proscale/utils/cpu_memory.py)
         apply_extras(cfg)
-        metrics, _ = task(cfg)
+        metrics, _ = run_reporting_errors(task, cfg)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).
         name = cfg.get("optimized_metric")
         return metrics.get(name) if name else None

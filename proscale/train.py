@@ -8,6 +8,7 @@ scheduler as partials), ``cfg.callbacks``, ``cfg.logger`` and ``cfg.trainer``. E
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
+from proscale.lightning.interrupt import GracefulInterrupt
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from proscale.utils.io import remove_stale_temporaries
@@ -48,8 +50,12 @@ def build_datamodule_and_module(cfg: DictConfig) -> tuple[Any, Any]:
             f"data module {type(datamodule).__name__} has no .meta (DatasetMeta); see proscale/structures.py"
         )
     model_cfg = cfg.model.copy()
-    if "num_classes" in model_cfg and model_cfg.num_classes != meta.num_classes:
-        log.info(f"model.num_classes {model_cfg.num_classes} -> {meta.num_classes} (from the dataset)")
+    configured = model_cfg.get("num_classes")
+    if configured is not None and configured != meta.num_classes:
+        raise ValueError(
+            f"model.num_classes={configured} but the dataset ({type(datamodule).__name__}) has {meta.num_classes} "
+            "classes; remove the override (model.num_classes=null takes the dataset's count) or fix the data"
+        )
     with open_dict(model_cfg):
         model_cfg.num_classes = meta.num_classes
     model = hydra.utils.instantiate(model_cfg)
@@ -59,6 +65,32 @@ def build_datamodule_and_module(cfg: DictConfig) -> tuple[Any, Any]:
     return datamodule, module
 
 
+def resume_checkpoint_path(cfg: DictConfig, callbacks: list) -> Path:
+    """Where an interrupted run writes its resumable checkpoint: the ``last.ckpt`` that ``ckpt_path=last`` finds."""
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.filename == "last" and callback.dirpath:
+            return Path(callback.dirpath) / "last.ckpt"
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+class MetricsNotFiniteError(ValueError):
+    """Evaluation ran but produced no finite headline metric (e.g. a split without annotations);
+    ``results.json`` is already written with ``status: failed`` and the NaN metrics."""
+
+    results_written = True
+
+
+def metrics_problem(results: dict[str, Any]) -> str | None:
+    """Why a finished run must not be reported "ok": every headline metric it evaluated is NaN."""
+    main = [results[key] for key in ("PQ", "AP", "mIoU") if results.get(key) is not None]
+    if results.get("split") and main and all(math.isnan(value) for value in main):
+        return (
+            f"every {results['split']} metric is NaN: the {results['split']} split has nothing to score "
+            "(no annotated image?)"
+        )
+    return None
+
+
 def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[str, Any]) -> L.Trainer:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
@@ -66,6 +98,7 @@ def build_trainer(cfg: DictConfig, wandb_overrides: dict[str, Any], tags: dict[s
     loggers = instantiate_loggers(cfg.get("logger"), wandb_overrides)
     if any("Wandb" in type(lg).__name__ for lg in loggers):
         callbacks.append(WandbExtras(summary={f"tag/{k}": v for k, v in tags.items() if v is not None}))
+    callbacks.append(GracefulInterrupt(resume_checkpoint_path(cfg, callbacks)))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # the hydra node is Hydra's, not the run's
     hparams = {"cfg": OmegaConf.to_container(OmegaConf.create(run_cfg), resolve=True), "tags": tags}
@@ -184,5 +217,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     results = collect_results(cfg, metrics, module, tags, time.perf_counter() - start, best)
     results["backbone_pretrain"] = pretrain_info
+    problem = metrics_problem(results)
+    if problem:
+        results.update(status="failed", error=problem)
     finish_run(cfg, trainer, results, title=f"{cfg.get('experiment_name')}: final metrics ({results['split']})")
+    if problem:
+        raise MetricsNotFiniteError(problem)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "results": results}
