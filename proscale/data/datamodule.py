@@ -25,10 +25,11 @@ from pathlib import Path
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from proscale.data.collate import collate_batch
 from proscale.data.common import require_paths
+from proscale.data.resumable import ResumableDataLoader, SkippingBatchSampler
 from proscale.data.transforms import (
     ColorAugSSD,
     Compose,
@@ -190,17 +191,25 @@ class SegmentationDataModule(LightningDataModule):
         sampler = None
         if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last and train,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_batch,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # resumable mid-epoch (proscale/data/resumable.py); same batches as DataLoader(shuffle=True)
+            batch_sampler = SkippingBatchSampler(RandomSampler(dataset), self.batch_size, self.drop_last)
+            return ResumableDataLoader(
+                dataset, batch_sampler=batch_sampler, batches_done=self._train_batches_done, **common
+            )
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler, **common)
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current training epoch already trained (Lightning's loop progress), for checkpoints."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

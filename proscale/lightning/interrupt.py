@@ -82,3 +82,18 @@ class GracefulInterrupt(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
+
+
+class SignalAtStep(Callback):
+    """Test aid: the process sends itself ``signal_name`` (``SIGINT`` / ``SIGTERM``) once, when training reaches
+    ``at_step``, as a user pressing Ctrl+C or a scheduler stopping the job would. Used by the interruption tests."""
+
+    def __init__(self, at_step: int, signal_name: str = "SIGINT") -> None:
+        self.at_step, self.signum, self.sent = int(at_step), signal.Signals[signal_name], False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.sent and trainer.global_step >= self.at_step:
+            import os
+
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
