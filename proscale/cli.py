@@ -18,12 +18,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from proscale.utils.threads import apply_thread_env_defaults
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = os.environ.get("PROSCALE_CONFIG_DIR") or str(REPO_ROOT / "conf")
 os.environ.setdefault("PROJECT_ROOT", str(REPO_ROOT))
 # No network at run time unless the user opts in: W&B logs offline, Hugging Face never queries the hub.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenMP threads sleep instead of spin-waiting when idle (must precede torch's import; proscale/utils/threads.py).
+apply_thread_env_defaults()
 
 
 def apply_extras(cfg: DictConfig) -> None:

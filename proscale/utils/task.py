@@ -16,6 +16,7 @@ from proscale.utils.config_check import check_config
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.results import write_results
 from proscale.utils.run_info import hydra_runtime, run_tags
+from proscale.utils.threads import set_num_threads
 
 log = get_logger(__name__)
 
@@ -135,6 +136,7 @@ def task_wrapper(task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[D
         start = time.perf_counter()
         try:
             check_config(cfg)
+            set_num_threads(cfg.get("num_threads"))  # every app, whatever its task does
             metrics, objects = task(cfg)
         except BaseException as error:
             name = cfg.get("task_name", "task")
