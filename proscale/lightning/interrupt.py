@@ -5,7 +5,8 @@ without a checkpoint (the run was recorded as ``"error": "SystemExit: 1"``); on 
 ``trainer.received_sigterm`` and raises ``SIGTERMException`` after the current step, also without a checkpoint.
 
 :class:`GracefulInterrupt` (added to every training run by :func:`proscale.train.build_trainer`) turns the first
-Ctrl+C into a request, like SIGTERM; after the current training step it writes ``last.ckpt`` (atomically, through
+Ctrl+C into a request, like SIGTERM; after the current training step (the epoch's last: after its validation) it
+writes ``last.ckpt`` (atomically, through
 the trainer's :class:`~proscale.lightning.callbacks.AtomicCheckpointIO`) and raises
 :class:`~proscale.utils.task.TrainingInterrupted`, which ``results.json`` records as ``status: "interrupted"``;
 ``ckpt_path=last`` resumes from that step. A second Ctrl+C aborts at once (no checkpoint). SIGUSR1 and SLURM's
@@ -67,12 +68,28 @@ class GracefulInterrupt(Callback):
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 
+    def _requested(self, trainer: Trainer) -> str | None:
+        return self.requested or ("SIGTERM" if trainer.received_sigterm else None)
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        name = self.requested or ("SIGTERM" if trainer.received_sigterm else None)
-        if name is None:
+        if self._requested(trainer) is None:
             return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last step: stop after the epoch's validation instead (on_train_epoch_end). A checkpoint
+            # written between the last step and that validation resumes with different random draws (Lightning
+            # runs the pending validation before the next epoch's seeding), one written after it exactly.
+            return
+        self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._requested(trainer) is not None:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        name = self._requested(trainer)
+        assert name is not None
         checkpoint = None
         if not (name == "SIGTERM" and _slurm_requeue(trainer)):
             trainer.save_checkpoint(self.checkpoint_path)  # every rank calls it; rank 0 writes
