@@ -146,9 +146,7 @@ def task_wrapper(task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[D
                     f"{name} {interruption}"
                     + (f"; checkpoint: {interruption.checkpoint}" if interruption.checkpoint else "")
                 )
-            elif show_tracebacks(cfg):
-                log.exception(f"{name} failed")
-            else:
+            else:  # the traceback: results.json, and the terminal with HYDRA_FULL_ERROR=1 (printed by Hydra, once)
                 log.error(f"{name} failed: {error_message(error)}")
             output_dir = hydra_runtime().get("output_dir") or cfg.get("paths", {}).get("output_dir")
             if output_dir and _is_rank_zero() and not getattr(error, "results_written", False):
