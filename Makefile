@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLBACKEND ?= Agg
 export WANDB_MODE ?= offline
-export HYDRA_FULL_ERROR ?= 1
+# failing runs print one message (traceback in results.json); `HYDRA_FULL_ERROR=1 make train` prints it too
 
 .PHONY: install constraints test test-all lint train ablation flops-table bench clean
 

@@ -31,6 +31,10 @@ register_search_path_plugin()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 register_resolvers()  # ${run_folder:...} / ${rank_log_suffix:} of conf/hydra/default.yaml
+from proscale.utils.threads import apply_thread_env_defaults  # noqa: E402
+
+# OpenMP threads sleep instead of spin-waiting when idle (must precede torch's import; proscale/utils/threads.py).
+apply_thread_env_defaults()
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -42,6 +46,25 @@ def apply_extras(cfg: DictConfig) -> None:
         from proscale.utils.rich_utils import print_config_tree
 
         print_config_tree(cfg, save_to=str(Path(cfg.paths.output_dir) / "config_tree.log"))
+
+
+def run_reporting_errors(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -> tuple[dict, dict]:
+    """Run ``task(cfg)``; a failure ends the process with one message and exit status 1 (130 / 143 after
+    SIGINT / SIGTERM) instead of Hydra's traceback. The traceback is in ``results.json``; ``HYDRA_FULL_ERROR=1``
+    or ``extras.full_traceback=true`` lets it through to the terminal as well."""
+    from proscale.utils.task import error_message, interrupted_by, show_tracebacks
+
+    try:
+        return task(cfg)
+    except BaseException as error:
+        interruption = interrupted_by(error)
+        if interruption is None and (show_tracebacks(cfg) or isinstance(error, SystemExit)):
+            raise
+        if not getattr(error, "reported", False):  # task_wrapper has logged it already
+            print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
+        if interruption is not None:
+            sys.exit(interruption.exit_code)
+        sys.exit(1)
 
 
 def _hydra_app(config_name: str, task_path: str, exit_status: Callable[[dict], int] | None = None) -> Callable[[], Any]:
@@ -67,7 +90,7 @@ def _hydra_app(config_name: str, task_path: str, exit_status: Callable[[dict], i
         apply_extras(cfg)
         module_name, function_name = task_path.split(":")
         task: Callable[[DictConfig], tuple[dict, dict]] = getattr(importlib.import_module(module_name), function_name)
-        metrics, _ = task(cfg)
+        metrics, _ = run_reporting_errors(task, cfg)
         if exit_status is not None and exit_status(metrics):
             raise SystemExit(exit_status(metrics))  # e.g. predict: some images failed (the others are written)
         # The value Hydra sweepers optimise (e.g. optimized_metric=val/PQ with an Optuna sweeper).

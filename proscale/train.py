@@ -8,6 +8,7 @@ scheduler as partials), ``cfg.callbacks``, ``cfg.logger`` and ``cfg.trainer``. E
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
 from proscale.lightning.distributed import check_launch, module_config_for_precision, trainer_config_for_launch
+from proscale.lightning.interrupt import GracefulInterrupt
 from proscale.models.backbone_weights import NOT_SET, pretrained_choice, require_backbone_weights
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -58,9 +60,17 @@ def build_datamodule_and_module(
         raise ValueError(
             f"data module {type(datamodule).__name__} has no .meta (DatasetMeta); see proscale/structures.py"
         )
-    model_cfg = cfg.model.copy() if weights is None else training_model_config(cfg, weights, meta.num_classes)
-    if "num_classes" in model_cfg and model_cfg.num_classes != meta.num_classes:
-        log.info(f"model.num_classes {model_cfg.num_classes} -> {meta.num_classes} (from the dataset)")
+    if weights is None:
+        model_cfg = cfg.model.copy()
+        configured = model_cfg.get("num_classes")
+        if configured is not None and configured != meta.num_classes:
+            raise ValueError(
+                f"model.num_classes={configured} but the dataset ({type(datamodule).__name__}) has "
+                f"{meta.num_classes} classes; remove the override (model.num_classes=null takes the dataset's count) "
+                "or fix the data"
+            )
+    else:  # the file's class head must fit the dataset unless weights_allow_partial (proscale.weights.tasks)
+        model_cfg = training_model_config(cfg, weights, meta.num_classes)
     with open_dict(model_cfg):
         model_cfg.num_classes = meta.num_classes
     model = hydra.utils.instantiate(model_cfg)
@@ -76,6 +86,32 @@ def build_datamodule_and_module(
         test_transforms=test_transform_configs(cfg.data, datamodule),
     )
     return datamodule, module
+
+
+def resume_checkpoint_path(cfg: DictConfig, callbacks: list) -> Path:
+    """Where an interrupted run writes its resumable checkpoint: the ``last.ckpt`` that ``ckpt_path=last`` finds."""
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.filename == "last" and callback.dirpath:
+            return Path(callback.dirpath) / "last.ckpt"
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+class MetricsNotFiniteError(ValueError):
+    """Evaluation ran but produced no finite headline metric (e.g. a split without annotations);
+    ``results.json`` is already written with ``status: failed`` and the NaN metrics."""
+
+    results_written = True
+
+
+def metrics_problem(results: dict[str, Any]) -> str | None:
+    """Why a finished run must not be reported "ok": every headline metric it evaluated is NaN."""
+    main = [results[key] for key in ("PQ", "AP", "mIoU") if results.get(key) is not None]
+    if results.get("split") and main and all(math.isnan(value) for value in main):
+        return (
+            f"every {results['split']} metric is NaN: the {results['split']} split has nothing to score "
+            "(no annotated image?)"
+        )
+    return None
 
 
 def test_transform_configs(cfg_data: DictConfig, datamodule: Any) -> list[dict] | None:
@@ -114,6 +150,7 @@ def build_trainer(
     loggers = instantiate_loggers(cfg.get("logger"), wandb_overrides)
     if any("Wandb" in type(lg).__name__ for lg in loggers):
         callbacks.append(WandbExtras(summary={f"tag/{k}": v for k, v in tags.items() if v is not None}))
+    callbacks.append(GracefulInterrupt(resume_checkpoint_path(cfg, callbacks)))
     checkpoint_io = AtomicCheckpointIO(allow_unsafe=bool(cfg.get("allow_unsafe_load", False)))
     trainer_cfg = trainer_config_for_launch(cfg.trainer)  # e.g. sync_batchnorm only on CUDA
     trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, plugins=[checkpoint_io])
@@ -247,5 +284,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     results = collect_results(cfg, metrics, module, tags, time.perf_counter() - start, best)
     results["backbone_pretrain"] = pretrain_info
+    problem = metrics_problem(results)
+    if problem:
+        results.update(status="failed", error=problem)
     finish_run(cfg, trainer, results, title=f"{cfg.get('experiment_name')}: final metrics ({results['split']})")
+    if problem:
+        raise MetricsNotFiniteError(problem)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "results": results}

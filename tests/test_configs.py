@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from proscale.cli import CONFIG_DIR
 from proscale.lightning.optim import WarmupSchedule
+from proscale.utils.config_check import config_problems
 from proscale.utils.hydra_utils import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -35,9 +36,11 @@ def test_expected_presets_exist():
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     cfg = compose_config("train", [f"experiment={experiment}", f"paths.data_dir={tmp_path}"], output_dir=tmp_path)
     assert cfg.experiment_name == experiment
+    assert config_problems(cfg) == []  # every key is one its target takes, with the type it wants
     datamodule = hydra.utils.instantiate(cfg.data)  # reads no file: meta is known up front
     meta = datamodule.meta
     assert meta.num_classes >= 1
+    assert cfg.model.num_classes in (None, meta.num_classes)  # presets that state it agree with their data
     with torch.device("meta"):  # shapes only: building a Swin-T / R50 model this way takes milliseconds
         model = hydra.utils.instantiate(cfg.model, num_classes=meta.num_classes)
     assert model.num_classes == meta.num_classes
@@ -58,6 +61,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_trainer_configs_compose(trainer, tmp_path):
     cfg = compose_config("train", [f"trainer={trainer}"], output_dir=tmp_path)
+    assert config_problems(cfg) == []
     resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert resolved["_target_"].endswith("Trainer")
     if trainer == "ddp_sim":

@@ -295,6 +295,7 @@ def test_model_every_encoder_backbone_lpe(backbones, backbone, name, lpe):
 # ----------------------------------------------------------------------------- Hydra: model/encoder=<name>
 
 TINY_MODEL = [
+    "model.num_classes=133",  # the config's null means "the dataset's"; no dataset here
     "model/backbone=timm",
     f"model.backbone.model_name={TINY_BACKBONE}",
     "model.conv_dim=64",

@@ -281,6 +281,50 @@ def test_error_instance_mask_size(files, capsys):
     assert "mask size [3, 3] differs from image size [48, 64]" in instance_error(files, capsys)
 
 
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), -0.5, 1.5, "0.9", None])
+def test_error_instance_score_not_finite_or_out_of_range(files, capsys, score):
+    edit_json(files["inst_json"], lambda d: d[1].update(score=score))
+    err = instance_error(files, capsys)
+    assert "result #1: score must be a finite number in [0, 1]" in err and str(files["inst_json"]) in err
+    assert "entry: {'image_id'" in err  # the offending entry is quoted
+
+
+@pytest.mark.parametrize(
+    "counts, problem",
+    [
+        ("garbage!!", "characters outside the RLE alphabet"),
+        ("0000", "the runs cover 0 pixels, the 48x64 mask has 3072"),
+        ("o", "the last run is cut off"),
+        ([10, 5], "the runs cover 15 pixels"),
+        ([3072, -1, 1], "a negative run length"),
+    ],
+)
+def test_error_instance_undecodable_rle(files, capsys, counts, problem):
+    edit_json(files["inst_json"], lambda d: d[0]["segmentation"].update(counts=counts))
+    err = instance_error(files, capsys)
+    assert "result #0: undecodable RLE counts" in err and problem in err
+
+
+def test_valid_uncompressed_rle_is_accepted(files):
+    from pycocotools import mask as mask_utils
+
+    from proscale.metrics.rle import rle_counts
+
+    def uncompress(d):
+        rle = d[0]["segmentation"]
+        runs = rle_counts(rle["counts"]).tolist()
+        assert (
+            mask_utils.frPyObjects({"size": rle["size"], "counts": runs}, *rle["size"])["counts"].decode()
+            == (rle["counts"])
+        )
+        rle["counts"] = runs
+
+    edit_json(files["inst_json"], uncompress)
+    code = run_evaluate("--task", "instance", "--gt-json", files["gt_json"], "--gt-dir", files["gt_dir"],
+                        "--pred-json", files["inst_json"])  # fmt: skip
+    assert code == 0
+
+
 def test_export_rejects_unlisted_ids_and_drops_empty_segments(tmp_path):
     pan_map = torch.tensor([[1, 1], [2, 0]])
     pred = {"panoptic_seg": (pan_map, [{"id": 1, "category_id": 3}, {"id": 9, "category_id": 0}])}

@@ -1,5 +1,5 @@
 """A Hydra multirun of 4 tiny jobs, one forced to fail: 3 results + 1 failure, each job with its own results.json
-and its own (offline) W&B run; the sweep itself completes."""
+and its own (offline) W&B run; the sweep completes all jobs, then exits with status 1 and a summary of the failure."""
 
 from __future__ import annotations
 
@@ -34,7 +34,13 @@ def test_multirun_with_one_failing_job(tmp_path):
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # all four jobs ran; the sweep's exit status and summary say one failed
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "multirun: 1 of 4 jobs did not succeed" in done.stderr
+    assert "3 [module.optimizer.lr=-1]: failed: optimizer lr must be > 0" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["ok", "ok", "ok", "failed"]
 
     jobs = sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]

@@ -138,6 +138,8 @@ def build_model(overrides: Sequence[str], device: str | torch.device = "meta") -
     from hydra.utils import instantiate
 
     model_cfg = compose_model_config(overrides)
+    if model_cfg.get("num_classes") is None:  # null = "the dataset's": no dataset here, so the paper's COCO count
+        model_cfg.num_classes = NUM_CLASSES
     with torch.device(device):
         model = instantiate(model_cfg)
     if not isinstance(model, nn.Module):

@@ -30,6 +30,7 @@ from proscale.data.datamodule import SegmentationDataModule, crop_recipe
 from proscale.data.image_io import read_label_png, read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import ResizeShortestEdge, Sample
+from proscale.data.validation import VALIDATION_HINT, Problems, check_file, decode_all, header_size
 from proscale.structures import DatasetMeta
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -73,6 +74,25 @@ class SemanticSegDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def check_files(self, verify_images: bool = False) -> None:
+        """Every image has its label PNG, of the same header size; ``verify_images`` also decodes both (and checks
+        the label values). Raises :class:`DataValidationError` listing the problems."""
+        problems = Problems(self.label_dir)
+        for image_path in self.images:
+            try:
+                size = header_size(image_path)
+            except ValueError as error:
+                problems.add(str(error))
+                size = None
+            check_file(
+                self.label_dir / f"{image_path.stem}.png", "label PNG", problems, size, f"its image {image_path.name}"
+            )
+        if verify_images:
+            readers = [(path, read_rgb_image) for path in self.images]
+            readers += [(self.label_dir / f"{path.stem}.png", self.read_labels) for path in self.images]
+            decode_all(readers, problems)
+        problems.raise_if_any(VALIDATION_HINT)
 
     def read_labels(self, path: Path) -> np.ndarray:
         """Label PNG -> contiguous classes with ``meta.ignore_label``; raises on out-of-range values."""

@@ -34,6 +34,15 @@ from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, l
 from proscale.data.image_io import read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import Sample
+from proscale.data.validation import (
+    VALIDATION_HINT,
+    Problems,
+    check_file,
+    check_image_entries,
+    decode_all,
+    duplicates,
+    require_json_object,
+)
 from proscale.structures import DatasetMeta
 from proscale.utils.io import read_json
 
@@ -62,26 +71,50 @@ class CocoInstanceDataset(Dataset):
         self.image_dir, self.json_path = Path(image_dir), Path(instance_json)
         self.transform, self.with_gt = transform, with_gt
         self.issues = IssueLog(str(self.json_path))
-        data = read_json(self.json_path, ANNOTATION_JSON)
+        data = require_json_object(read_json(self.json_path, ANNOTATION_JSON), self.json_path, ("images",))
         self.meta = meta if meta is not None else meta_from_categories(data.get("categories", []), str(self.json_path))
         self._category_to_contiguous = {cid: i for i, cid in enumerate(self.meta.category_ids)}
+        problems = Problems(self.json_path)
+        self._check_structure(data, problems)
+        problems.raise_if_any()  # pycocotools' index would silently keep one of two entries sharing an id
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             self.coco.createIndex()
-        self.records = self._build_records(skip_empty)
+        self.records = self._build_records(skip_empty, problems)
+        problems.raise_if_any()
 
-    def _build_records(self, skip_empty: bool) -> list[dict[str, Any]]:
+    def _check_structure(self, data: dict, problems: Problems) -> None:
+        """Image entries complete with unique ids; annotations are objects with unique ids naming a known image."""
+        check_image_entries(data["images"], self.json_path, problems, ("id", "file_name", "height", "width"))
+        annotations = data.setdefault("annotations", [])
+        if not isinstance(annotations, list):
+            problems.add(f"{self.json_path}: 'annotations' must be a list")
+            return
+        image_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
+        for index, ann in enumerate(annotations):
+            if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+                problems.add(f"{self.json_path}: annotations[{index}] needs image_id and category_id: {str(ann)[:120]}")
+            elif ann["image_id"] not in image_ids:
+                problems.add(
+                    f"{self.json_path}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']!r}"
+                )
+        for ann_id in duplicates(ann.get("id") for ann in annotations if isinstance(ann, dict) and "id" in ann):
+            problems.add(f"{self.json_path}: annotation id {ann_id!r} is used more than once")
+
+    def _build_records(self, skip_empty: bool, problems: Problems) -> list[dict[str, Any]]:
         records = []
+        self.num_annotated = 0
         for image_id in sorted(self.coco.imgs):
             image = self.coco.imgs[image_id]
             annotations = []
             for ann in self.coco.imgToAnns.get(image_id, []):
                 if int(ann["category_id"]) not in self._category_to_contiguous:
-                    raise ValueError(
+                    problems.add(
                         f"{self.json_path}: annotation {ann.get('id')} (image {image['file_name']}) has unknown "
                         f"category id {ann['category_id']}; known ids: {self.meta.category_ids}"
                     )
+                    continue
                 segm = ann.get("segmentation")
                 if isinstance(segm, list):
                     polygons = [p for p in segm if len(p) >= 6]
@@ -91,7 +124,8 @@ class CocoInstanceDataset(Dataset):
                         continue
                     ann = {**ann, "segmentation": polygons}
                 elif not isinstance(segm, dict):
-                    raise ValueError(f"{self.json_path}: annotation {ann.get('id')} has no valid 'segmentation'")
+                    problems.add(f"{self.json_path}: annotation {ann.get('id')} has no valid 'segmentation'")
+                    continue
                 if float(ann.get("area", 1)) <= 0:
                     self.issues.report("zero-area annotation dropped", f"annotation {ann.get('id')}")
                     continue
@@ -100,8 +134,31 @@ class CocoInstanceDataset(Dataset):
                 self.issues.report("image without annotations", image["file_name"])
                 if skip_empty:
                     continue
+            else:
+                self.num_annotated += 1
             records.append({"image": image, "annotations": annotations})
         return records
+
+    def check_files(self, verify_images: bool = False) -> None:
+        """Every image exists with the header size the JSON gives (and RLE sizes agree); ``verify_images`` also
+        decodes each image. Raises :class:`DataValidationError` listing the problems."""
+        problems = Problems(self.json_path)
+        for record in self.records:
+            info = record["image"]
+            size = (info["height"], info["width"])
+            check_file(
+                self.image_dir / info["file_name"], "image", problems, size, f"the size in {self.json_path.name}"
+            )
+            for ann in record["annotations"]:
+                segm = ann["segmentation"]
+                if isinstance(segm, dict) and "size" in segm and tuple(segm["size"]) != size:
+                    problems.add(
+                        f"{self.json_path}: annotation {ann.get('id')} RLE size {segm['size']} does not match image "
+                        f"{info['file_name']} of size {list(size)}"
+                    )
+        if verify_images:
+            decode_all([(self.image_dir / r["image"]["file_name"], read_rgb_image) for r in self.records], problems)
+        problems.raise_if_any(VALIDATION_HINT)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -10,7 +10,9 @@ synthetic dataset. Handling follows the original Mask2Former:
   Mask2Former's semantic conversion) paints its class and void is ``ignore_label``.
 
 Problems in the data are either fatal with a ``ValueError`` naming the file (missing/corrupt image or PNG,
-size mismatch, unknown category id, duplicate segment ids) or handled, counted and logged once in
+size mismatch, unknown category id, duplicate image or segment ids; the JSON's are collected and raised together
+when the split is indexed, the files' at setup by ``check_files``, see :mod:`proscale.data.validation`) or
+handled, counted and logged once in
 ``self.issues`` (segments with zero area, JSON segments absent from the PNG, PNG ids absent from the JSON,
 images without annotations): handled cases become void, never a wrong label.
 """
@@ -31,6 +33,15 @@ from proscale.data.datamodule import SegmentationDataModule, coco_test_recipe, l
 from proscale.data.image_io import read_panoptic_png, read_rgb_image
 from proscale.data.issues import IssueLog
 from proscale.data.transforms import Sample
+from proscale.data.validation import (
+    VALIDATION_HINT,
+    Problems,
+    check_file,
+    check_image_entries,
+    decode_all,
+    duplicates,
+    require_json_object,
+)
 from proscale.structures import DatasetMeta
 from proscale.utils.io import read_json
 
@@ -84,7 +95,9 @@ class CocoPanopticDataset(Dataset):
         self.image_path = IMAGE_PATH_RULES[image_path_rule]
         self.transform, self.with_gt = transform, with_gt
         self.issues = IssueLog(str(self.json_path))
-        data = read_json(self.json_path, ANNOTATION_JSON)
+        data = require_json_object(
+            read_json(self.json_path, ANNOTATION_JSON), self.json_path, ("images", "annotations")
+        )
         self.meta = meta if meta is not None else meta_from_categories(data.get("categories", []), str(self.json_path))
         self._category_to_contiguous = {cid: i for i, cid in enumerate(self.meta.category_ids)}
         self.records = self._build_records(data)
@@ -93,9 +106,12 @@ class CocoPanopticDataset(Dataset):
         )
 
     def _build_records(self, data: dict) -> list[dict[str, Any]]:
-        if "images" not in data or "annotations" not in data:
-            raise ValueError(f"{self.json_path}: a panoptic JSON needs 'images' and 'annotations' lists")
-        annotations = {ann["image_id"]: ann for ann in data["annotations"]}
+        """One record per image; every problem in the JSON is collected and raised together (DataValidationError)."""
+        problems = Problems(self.json_path)
+        fields = ("id", "file_name") if self.image_path is image_path_same_name else ("id",)
+        check_image_entries(data["images"], self.json_path, problems, fields)
+        annotations = self._index_annotations(data, problems)
+        problems.raise_if_any()  # the structure must hold before the records can be built
         records = []
         for index, image in enumerate(data["images"]):
             annotation = annotations.get(image["id"])
@@ -104,7 +120,7 @@ class CocoPanopticDataset(Dataset):
                 self.issues.report("image without annotation entry (all void)", str(image_path))
                 segments = []
             else:
-                segments = self._check_segments(annotation, image_path)
+                segments = self._check_segments(annotation, image_path, problems)
                 if not segments:
                     self.issues.report("image with no segments (all void)", str(image_path))
             records.append(
@@ -116,23 +132,51 @@ class CocoPanopticDataset(Dataset):
                     "segments": segments,
                 }
             )
+        problems.raise_if_any()
         return records
 
-    def _check_segments(self, annotation: dict, image_path: Path) -> list[dict[str, int]]:
-        """JSON segments -> [{id, category (contiguous), iscrowd}], raising on unknown categories."""
+    def _index_annotations(self, data: dict, problems: Problems) -> dict[Any, dict]:
+        """``image_id -> annotation``; two annotations for one image, one for an image not in ``images``, or two
+        images sharing a PNG are problems (the index would silently keep one of them)."""
+        image_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
+        annotations: dict[Any, dict] = {}
+        for index, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann or "file_name" not in ann:
+                problems.add(f"{self.json_path}: annotations[{index}] needs image_id and file_name: {str(ann)[:120]}")
+                continue
+            if ann["image_id"] not in image_ids:
+                problems.add(
+                    f"{self.json_path}: annotation {ann['file_name']} refers to unknown image id {ann['image_id']!r}"
+                )
+            elif ann["image_id"] in annotations:
+                problems.add(f"{self.json_path}: image id {ann['image_id']!r} has more than one annotation entry")
+            annotations[ann["image_id"]] = ann
+        for png in duplicates(ann["file_name"] for ann in annotations.values()):
+            problems.add(f"{self.json_path}: panoptic PNG {png} is the annotation of more than one image")
+        return annotations
+
+    def _check_segments(self, annotation: dict, image_path: Path, problems: Problems) -> list[dict[str, int]]:
+        """JSON segments -> [{id, category (contiguous), iscrowd}]; unknown categories and duplicate or zero
+        segment ids are added to ``problems``."""
         segments, seen = [], set()
         for seg in annotation.get("segments_info", []):
-            seg_id, category_id = int(seg["id"]), int(seg["category_id"])
+            try:
+                seg_id, category_id = int(seg["id"]), int(seg["category_id"])
+            except (KeyError, TypeError, ValueError):
+                problems.add(f"{self.json_path}: image {image_path.name}: malformed segment {str(seg)[:120]}")
+                continue
             if category_id not in self._category_to_contiguous:
-                raise ValueError(
+                problems.add(
                     f"{self.json_path}: image {image_path.name}: segment {seg_id} has unknown category id "
                     f"{category_id}; known ids: {self.meta.category_ids}"
                 )
+                continue
             if seg_id == 0 or seg_id in seen:
-                raise ValueError(
+                problems.add(
                     f"{self.json_path}: image {image_path.name}: segment id {seg_id} is "
                     + ("0 (reserved for void)" if seg_id == 0 else "used twice")
                 )
+                continue
             seen.add(seg_id)
             if "area" in seg and int(seg["area"]) == 0:
                 self.issues.report("zero-area segment dropped", f"{image_path.name} segment {seg_id}")
@@ -145,6 +189,29 @@ class CocoPanopticDataset(Dataset):
                 }
             )
         return segments
+
+    @property
+    def num_annotated(self) -> int:
+        """Images with at least one (kept) segment."""
+        return sum(1 for record in self.records if record["segments"])
+
+    def check_files(self, verify_images: bool = False) -> None:
+        """Every image and panoptic PNG exists, with header sizes matching the JSON and each other; with
+        ``verify_images`` every file is also decoded. Raises :class:`DataValidationError` listing the problems."""
+        problems = Problems(self.json_path)
+        for record in self.records:
+            image_size = check_file(
+                record["image_path"], "image", problems, record["size"], f"the size in {self.json_path.name}"
+            )
+            if record["panoptic_path"] is not None:
+                expected = image_size or record["size"]  # an image of the wrong size is already reported
+                name = record["image_path"].name
+                check_file(record["panoptic_path"], "panoptic PNG", problems, expected, f"its image {name}")
+        if verify_images:
+            readers = [(r["image_path"], read_rgb_image) for r in self.records]
+            readers += [(r["panoptic_path"], read_panoptic_png) for r in self.records if r["panoptic_path"]]
+            decode_all(readers, problems)
+        problems.raise_if_any(VALIDATION_HINT)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -17,16 +17,19 @@ missing). Everything else is common:
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from proscale.data.collate import collate_batch
 from proscale.data.common import require_paths
+from proscale.data.resumable import ResumableDataLoader, SkippingBatchSampler
 from proscale.data.transforms import (
     ColorAugSSD,
     Compose,
@@ -37,7 +40,16 @@ from proscale.data.transforms import (
     ResizeShortestEdge,
     scale_list,
 )
+from proscale.data.validation import DataValidationError
 from proscale.structures import DatasetMeta
+
+log = logging.getLogger("proscale.data")
+
+
+def _source(dataset: Dataset) -> str:
+    """`` (<annotation file>)`` for datasets read from one, else ``""``."""
+    path = getattr(dataset, "json_path", None) or getattr(dataset, "label_dir", None)
+    return f" ({path})" if path else ""
 
 
 def lsj_recipe(size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0) -> list:
@@ -67,6 +79,11 @@ class SegmentationDataModule(LightningDataModule):
             :mod:`proscale.data.transforms`; ``None`` = the family's paper recipe
             (``default_train_transforms`` / ``default_test_transforms``), ``[]`` = none.
         train_split / val_split / test_split: split names (``test_split=None`` tests on ``val_split``).
+        validate: at setup, check that every file a split names exists with the size its annotations give
+            (header reads, no decoding); the annotation JSONs are always checked (ids, categories, structure).
+        verify_images: also decode every image and label map at setup (slow for large datasets).
+        allow_empty: accept a split without any annotated image (by default an error: training would learn
+            "void" and validation would report NaN metrics).
     """
 
     name = "dataset"
@@ -87,6 +104,9 @@ class SegmentationDataModule(LightningDataModule):
         test_split: str | None = None,
         pin_memory: bool = False,
         drop_last: bool = False,
+        validate: bool = True,
+        verify_images: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -104,6 +124,7 @@ class SegmentationDataModule(LightningDataModule):
         self.test_transform = Compose(self.default_test_transforms() if test_transforms is None else test_transforms)
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
         self.pin_memory, self.drop_last = pin_memory, drop_last
+        self.validate, self.verify_images, self.allow_empty = validate, verify_images, allow_empty
         self.datasets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------------------- family interface
@@ -137,8 +158,27 @@ class SegmentationDataModule(LightningDataModule):
                 self.datasets[stage] = self.datasets["val"]
             else:
                 self.check_layout(split)
-                self.datasets[stage] = self.build_dataset(split, train=stage == "train")
+                dataset = self.build_dataset(split, train=stage == "train")
+                self.check_split(dataset, split)
+                self.datasets[stage] = dataset
         return self.datasets[stage]
+
+    def check_split(self, dataset: Dataset, split: str) -> None:
+        """Setup-time checks of a freshly built split: not empty, files present and of the right size
+        (``validate``), decodable (``verify_images``). Raises :class:`DataValidationError`."""
+        where = f"{self.name} ({split!r} split)"
+        if len(dataset) == 0:
+            raise DataValidationError(f"{where}: the split has no images{_source(dataset)}")
+        annotated = getattr(dataset, "num_annotated", None)
+        if annotated == 0 and not self.allow_empty:
+            raise DataValidationError(
+                f"{where}: none of its {len(dataset)} images has an annotation{_source(dataset)}; training would "
+                "learn only 'void' and validation would report NaN metrics. Set data.allow_empty=true if this is intended"
+            )
+        if (self.validate or self.verify_images) and hasattr(dataset, "check_files"):
+            started = time.perf_counter()
+            dataset.check_files(verify_images=self.verify_images)
+            log.info(f"{where}: {len(dataset)} images checked in {time.perf_counter() - started:.1f} s")
 
     def setup(self, stage: str | None = None) -> None:
         stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -151,17 +191,25 @@ class SegmentationDataModule(LightningDataModule):
         sampler = None
         if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last and train,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_batch,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # resumable mid-epoch (proscale/data/resumable.py); same batches as DataLoader(shuffle=True)
+            batch_sampler = SkippingBatchSampler(RandomSampler(dataset), self.batch_size, self.drop_last)
+            return ResumableDataLoader(
+                dataset, batch_sampler=batch_sampler, batches_done=self._train_batches_done, **common
+            )
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler, **common)
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current training epoch already trained (Lightning's loop progress), for checkpoints."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -217,7 +217,10 @@ class SegmentationModule(LightningModule):
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are skipped by AdamW
             self._drop_gradients = False
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, not in on_train_batch_end: callbacks' on_train_batch_end (a step checkpoint, an
+        # interrupt's checkpoint) run before the module's, and must see the EMA of the weights they save.
         if self.ema is not None:
             self.ema.update(self.model)
 

@@ -7,7 +7,8 @@
 
 Every problem with the inputs is a ``ValueError`` that names the file and what is wrong: missing or corrupt
 JSON/PNG, a PNG that is not RGB, an image without prediction, unknown category ids, segment ids present in a PNG
-but not in its JSON or the reverse, results for unknown images or with malformed segmentations.
+but not in its JSON or the reverse, results for unknown images or with malformed segmentations, scores that are
+not finite numbers in [0, 1], RLE counts that do not decode to exactly the image's pixels.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from proscale.metrics.coco_ap import coco_mask_ap
 from proscale.metrics.export import rgb2id
 from proscale.metrics.pq_stats import IdIndexer, PQStats, SegmentsTable, pq_image_stats, summarize_pq
-from proscale.metrics.rle import encode_masks
+from proscale.metrics.rle import encode_masks, rle_problem
 from proscale.utils.io import read_json
 
 
@@ -181,6 +182,7 @@ def _check_results(results: Any, pred_json: Path, images: dict, cat_ids: set) ->
         results = results["annotations"]
     if not isinstance(results, list):
         raise ValueError(f"prediction file {pred_json} must hold a list of COCO results")
+    results = list(results)
     for n, r in enumerate(results):
         where = f"prediction file {pred_json}, result #{n}"
         if not isinstance(r, dict) or not {"image_id", "category_id", "segmentation", "score"} <= set(r):
@@ -189,6 +191,10 @@ def _check_results(results: Any, pred_json: Path, images: dict, cat_ids: set) ->
             raise ValueError(f"{where}: image_id {r['image_id']} is not in the GT")
         if r["category_id"] not in cat_ids:
             raise ValueError(f"{where}: unknown category_id {r['category_id']} (known: {sorted(cat_ids)})")
+        score = r["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            # NaN fails both comparisons; COCOeval would sort it anywhere and report a meaningless AP
+            raise ValueError(f"{where}: score must be a finite number in [0, 1], got {score!r}{_entry(r)}")
         seg = r["segmentation"]
         if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
             raise ValueError(f"{where}: segmentation must be an RLE dict with 'size' and 'counts'")
@@ -197,7 +203,26 @@ def _check_results(results: Any, pred_json: Path, images: dict, cat_ids: set) ->
             raise ValueError(
                 f"{where}: mask size {seg['size']} differs from image size {[img['height'], img['width']]}"
             )
+        problem = rle_problem(seg, img["height"], img["width"])
+        if problem:  # pycocotools would decode garbage counts into an arbitrary mask without complaint
+            raise ValueError(f"{where}: {problem}{_entry(r)}")
+        if isinstance(seg["counts"], list):  # uncompressed RLE: COCOeval takes compressed counts only
+            results[n] = {**r, "segmentation": _compress(seg)}
     return results
+
+
+def _compress(rle: dict) -> dict:
+    from pycocotools import mask as mask_utils
+
+    height, width = (int(v) for v in rle["size"])
+    compressed = mask_utils.frPyObjects({"size": [height, width], "counts": rle["counts"]}, height, width)
+    return {"size": [height, width], "counts": compressed["counts"].decode("ascii")}
+
+
+def _entry(result: dict) -> str:
+    """The offending result, shortened, for error messages."""
+    text = repr({k: result[k] for k in ("image_id", "category_id", "score", "segmentation") if k in result})
+    return f"; entry: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
 def evaluate_instance_files(
