@@ -1,7 +1,7 @@
-"""Console scripts ``proscale-train`` / ``proscale-eval`` / ``proscale-predict`` (also run by ``scripts/*.py``).
+"""Console scripts ``proscale-train`` / ``-eval`` / ``-predict`` / ``-export`` (also run by ``scripts/*.py``).
 
-Each is a Hydra app over ``conf/`` (``train.yaml``, ``eval.yaml``, ``predict.yaml``); every Hydra override works,
-e.g. ``proscale-train experiment=cpu_synthetic trainer.max_steps=50`` or ``proscale-train -m seed=1,2``.
+Each is a Hydra app over ``conf/`` (``train.yaml``, ``eval.yaml``, ``predict.yaml``, ``export.yaml``); every Hydra
+override works, e.g. ``proscale-train experiment=cpu_synthetic trainer.max_steps=50`` or ``proscale-train -m seed=1,2``.
 ``PROJECT_ROOT`` (default: the repository holding this package) anchors ``paths.root_dir``; set
 ``PROSCALE_CONFIG_DIR`` to use another config tree.
 """
@@ -67,3 +67,9 @@ def predict_main() -> None:
     from proscale.predict import predict
 
     _hydra_app("predict", predict)()
+
+
+def export_main() -> None:
+    from proscale.export.task import export
+
+    _hydra_app("export", export)()
