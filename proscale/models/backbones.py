@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
+from proscale.models.ops.graph_capture import capturing
 from proscale.registry import Registry
 
 BACKBONES = Registry("backbone")
@@ -43,6 +44,8 @@ class _PadFirstSwinBlock(SwinTransformerBlock):
     """
 
     def _shift_mask(self, x: Tensor) -> Tensor:
+        if capturing():  # symbolic sizes (dynamic export) cannot key a cache
+            return self.get_attn_mask(x)
         key = (x.shape[1], x.shape[2], x.device, x.dtype)
         cache = self.__dict__.setdefault("_mask_cache", {})
         if key not in cache:
