@@ -18,6 +18,7 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,8 +84,7 @@ def export_onnx(
     if dynamic:
         require("onnxscript")
     metadata = metadata or DeployMetadata(size, dynamic, 1, int(getattr(model, "num_classes", -1)))
-    metadata.image_size, metadata.dynamic, metadata.batch_size = size, dynamic, 1
-    metadata.exporter, metadata.opset = exporter, opset
+    metadata = replace(metadata, image_size=size, dynamic=dynamic, batch_size=1, exporter=exporter, opset=opset)
     images = example_images(size)
     with exportable(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / exporter chatter (e.g. TracerWarnings on shape asserts)

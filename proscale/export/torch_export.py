@@ -10,6 +10,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,8 +44,7 @@ def export_torch(
     size = check_image_size(image_size)
     program = export_program(model, size, dynamic)
     metadata = metadata or DeployMetadata(size, dynamic, 1, int(getattr(model, "num_classes", -1)))
-    metadata.image_size, metadata.dynamic, metadata.batch_size = size, dynamic, 1
-    metadata.exporter, metadata.opset = "torch.export", None
+    metadata = replace(metadata, image_size=size, dynamic=dynamic, batch_size=1, exporter="torch.export", opset=None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata.to_props())})
     return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
