@@ -19,7 +19,6 @@ from proscale.export import (
     load_torch_export,
 )
 from proscale.export.graph import FinalOutputs
-from proscale.models.inference import Mask2FormerInference
 from proscale.models.ops import MSDeformAttn
 from proscale.models.ops.inference_gate import fast_inference_allowed
 from tests.export_helpers import META, build, model_config, relative_error, write_checkpoint
@@ -104,7 +103,8 @@ def test_panoptic_result_through_onnx_runtime_equals_pytorch(model, onnx_file):
     from proscale.export.runtime import OnnxRuntimeModel
 
     runtime = OnnxRuntimeModel(onnx_file, num_threads=1)
-    inference = Mask2FormerInference(3, [0], object_mask_threshold=0.3, overlap_threshold=0.5)
+    inference = runtime.metadata.build_inference(overlap_threshold=0.5)  # classes + threshold from the file
+    assert inference.thing_classes == [0] and inference.object_mask_threshold == 0.3
     segments_seen = 0
     for seed in range(3):
         # synthetic scenes: a bright rectangle on a noisy background, at the export size

@@ -46,6 +46,20 @@ class DeployMetadata:
     opset: int | None = None
     format_version: int = FORMAT_VERSION
 
+    def dataset_meta(self):
+        """The stored class metadata as :class:`proscale.structures.DatasetMeta` (None if not stored)."""
+        from proscale.structures import DatasetMeta
+
+        return None if self.meta is None else DatasetMeta(**self.meta)
+
+    def build_inference(self, **overrides: Any):
+        """``Mask2FormerInference`` with the stored classes and settings; ``overrides`` win (e.g. tasks on/off)."""
+        from proscale.models.inference import Mask2FormerInference
+
+        meta = self.dataset_meta()
+        thing_classes = meta.thing_classes if meta is not None else None
+        return Mask2FormerInference(self.num_classes, thing_classes, **{**(self.inference or {}), **overrides})
+
     def to_props(self) -> dict[str, str]:
         return {PREFIX + key: json.dumps(value) for key, value in asdict(self).items()}
 
