@@ -205,9 +205,17 @@ def markdown(result: dict, command: str, machine: dict | None = None) -> str:
             f"| {r['label']} | {r['encoder_share']:.1%} | {r['sampling_share']:.1%} | {r['gather_share']:.1%} | "
             f"{r['sampling_share_of_encoder']:.1%} | {r['top_encoder_ops']} |"
         )
+    lines.append("")
+    for r in result["rows"]:
+        verdict = "dominates" if r["sampling_share_of_encoder"] > 0.5 else "does not dominate"
+        lines.append(
+            f"- {r['label']}: the deformable sampling {verdict} the encoder ({r['sampling_share_of_encoder']:.0%} of "
+            f"its node time, {r['sampling_share']:.0%} of the whole graph's)."
+        )
     lines += [
         "",
-        "What the graph optimisations do (node counts of the exported vs the optimised graph):",
+        "What the graph optimisations do (node counts of the exported vs the optimised graph, and the op types "
+        "the optimiser introduced):",
         "",
         "| model | nodes exported -> optimised | GridSample nodes exported -> optimised | fused ops added |",
         "|---|---|---|---|",
