@@ -186,6 +186,15 @@ def test_bad_export_requests_are_refused(model, tmp_path, kwargs, message):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_dynamic_swin_export_must_trace_above_one_window(tmp_path):
+    swin = build(model_config("m2f", lpe=False, backbone="swin_t"))
+    with pytest.raises(ValueError, match=r"windowed backbone \(Swin, window 7\) must trace at >= 256 px.*\[64, 96\]"):
+        export_program(swin, SIZE, dynamic=True)
+    with pytest.raises(ValueError, match=r"must trace at >= 256 px"):
+        export_onnx(swin, tmp_path / "swin.onnx", SIZE, dynamic=True)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "onnxscript"])
 def test_missing_optional_dependency_names_the_extra(model, onnx_file, tmp_path, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # what an absent package looks like to `import`

@@ -43,6 +43,26 @@ def check_image_size(image_size: Sequence[int], what: str = "image_size") -> tup
     return height, width
 
 
+def check_dynamic_trace_size(model: nn.Module, image_size: tuple[int, int]) -> None:
+    """A dynamic export must trace at a size where no window count of a windowed backbone (Swin) is 1: the
+    exporter specialises sizes of 1, so the program would be pinned to one window per side at that stage
+    (``torch.export`` then refuses every larger input). At stride 32 with window w: at least 32 * (w + 1) px."""
+    windows = [
+        max(m.window_size) if isinstance(m.window_size, tuple) else int(m.window_size)
+        for m in model.modules()
+        if hasattr(m, "window_size") and hasattr(m, "shift_size")
+    ]
+    if not windows:
+        return
+    need = SIZE_DIVISIBILITY * (max(windows) + 1)
+    if min(image_size) < need:
+        raise ValueError(
+            f"dynamic export of a windowed backbone (Swin, window {max(windows)}) must trace at >= {need} px per "
+            f"side (>= 2 windows at stride 32), got image_size={list(image_size)}; e.g. image_size=[{need},{need}] "
+            "or the default [800,1088] (the traced size does not limit the sizes the export accepts)"
+        )
+
+
 def example_images(image_size: tuple[int, int], batch_size: int = 1, seed: int = 0) -> Tensor:
     """A fixed random normalized batch (B, 3, H, W) to trace and verify with."""
     generator = torch.Generator().manual_seed(seed)
@@ -56,4 +76,4 @@ def dynamic_shapes_spec() -> dict:
     return {"images": {2: SIZE_DIVISIBILITY * blocks_h, 3: SIZE_DIVISIBILITY * blocks_w}}
 
 
-__all__ = ["FinalOutputs", "check_image_size", "dynamic_shapes_spec", "example_images"]
+__all__ = ["FinalOutputs", "check_dynamic_trace_size", "check_image_size", "dynamic_shapes_spec", "example_images"]

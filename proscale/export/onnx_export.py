@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from proscale.export.deps import require
-from proscale.export.graph import FinalOutputs, check_image_size, dynamic_shapes_spec, example_images
+from proscale.export.graph import (
+    FinalOutputs,
+    check_dynamic_trace_size,
+    check_image_size,
+    dynamic_shapes_spec,
+    example_images,
+)
 from proscale.export.kernels import exportable
 from proscale.export.metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
 from proscale.utils.io import atomic_write
@@ -83,6 +89,7 @@ def export_onnx(
     exporter = onnx_exporter(dynamic)
     if dynamic:
         require("onnxscript")
+        check_dynamic_trace_size(model, size)
     metadata = metadata or DeployMetadata(size, dynamic, 1, int(getattr(model, "num_classes", -1)))
     metadata = replace(metadata, image_size=size, dynamic=dynamic, batch_size=1, exporter=exporter, opset=opset)
     images = example_images(size)

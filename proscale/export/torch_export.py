@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from proscale.export.graph import FinalOutputs, check_image_size, dynamic_shapes_spec, example_images
+from proscale.export.graph import (
+    FinalOutputs,
+    check_dynamic_trace_size,
+    check_image_size,
+    dynamic_shapes_spec,
+    example_images,
+)
 from proscale.export.kernels import exportable
 from proscale.export.metadata import DeployMetadata
 from proscale.utils.io import atomic_write
@@ -27,6 +33,8 @@ METADATA_FILE = "proscale_metadata.json"
 def export_program(model: nn.Module, image_size: Sequence[int], dynamic: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` of ``images (1, 3, H, W) -> (pred_logits, pred_masks)``; H, W symbolic if ``dynamic``."""
     size = check_image_size(image_size)
+    if dynamic:
+        check_dynamic_trace_size(model, size)
     with exportable(model), torch.no_grad():
         return torch.export.export(
             FinalOutputs(model), (example_images(size),), dynamic_shapes=dynamic_shapes_spec() if dynamic else None
