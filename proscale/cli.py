@@ -1,7 +1,7 @@
-"""The apps: ``proscale <train|eval|predict>``, ``python -m proscale <app>``, ``proscale-train`` / ``proscale-eval`` /
-``proscale-predict``, and ``scripts/*.py``: all the same Hydra apps.
+"""The apps: ``proscale <train|eval|predict|export>``, ``python -m proscale <app>``, ``proscale-train`` / ``proscale-eval`` /
+``proscale-predict`` / ``proscale-export``, and ``scripts/*.py``: all the same Hydra apps.
 
-Each is a Hydra app over the config tree (``train.yaml``, ``eval.yaml``, ``predict.yaml``); every Hydra override
+Each is a Hydra app over the config tree (``train.yaml``, ``eval.yaml``, ``predict.yaml``, ``export.yaml``); every Hydra override
 works, e.g. ``proscale train experiment=cpu_synthetic trainer.max_steps=50`` or ``proscale train -m seed=1,2``.
 The config tree is the checkout's ``conf/`` or, when installed, the copy inside the package; ``PROSCALE_CONFIG_DIR``
 replaces it and ``PROSCALE_CONFIG_PATH`` adds user config folders (see :mod:`proscale.config_paths`).
@@ -118,10 +118,15 @@ def _predict_exit_status(metrics: dict) -> int:
     return EXIT_SOME_FAILED if metrics.get("failed") else 0
 
 
+def export_main() -> None:
+    _hydra_app("export", "proscale.export.task:export")()
+
+
 # `proscale <app>` / `python -m proscale <app>` (proscale/__main__.py): name -> (entry point, one-line summary).
 # Each app's `--help` (conf/hydra/help/<app>.yaml) says what it does and lists its main options.
 APPS: dict[str, tuple[Callable[[], None], str]] = {
     "train": (train_main, "train a model (Hydra overrides, -m for sweeps), then test its best checkpoint"),
     "eval": (eval_main, "score weights (a checkpoint or another format) on the test split, else validation"),
     "predict": (predict_main, "segment images: overlays, COCO panoptic / instance JSON, semantic PNGs"),
+    "export": (export_main, "export weights to ONNX (fixed or dynamic size) or a torch.export program (.pt2)"),
 }

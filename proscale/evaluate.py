@@ -29,7 +29,6 @@ from proscale.train import (
     build_trainer,
     collect_results,
     finish_run,
-    set_num_threads,
     wandb_settings,
 )
 from proscale.utils.hydra_utils import command_line_overrides
@@ -69,7 +68,6 @@ def apply_stored_settings(cfg: DictConfig, loaded: LoadedWeights) -> None:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Test the weights (validation split when the data module has no test split)."""
     start = time.perf_counter()
-    set_num_threads(cfg.get("num_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     loaded = read_weights_of(cfg)

@@ -32,6 +32,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -50,7 +51,6 @@ from proscale.stored_run import (
     stored_meta,
 )
 from proscale.structures import DatasetMeta
-from proscale.train import set_num_threads
 from proscale.utils.io import read_json
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.task import task_wrapper
@@ -86,6 +86,8 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
     """Model, class metadata, inference settings and test-time transform from ``cfg.weights`` (or ``ckpt_path``),
     with the command line's overrides applied (printed). ``cfg`` holds predict.yaml's keys; outside the app
     ``OmegaConf.create({"weights": path})`` is enough."""
+    if cfg.get("onnx"):
+        return load_onnx_predictor(cfg)
     loaded = read_weights_of(cfg)
     meta = stored_meta(loaded)
     if meta is None:
@@ -106,6 +108,51 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
         test_transform_configs=configs,
         source=str(loaded.path),
     )
+
+
+def load_onnx_predictor(cfg: DictConfig) -> Predictor:
+    """The same as :func:`load_predictor` for an exported file (``onnx=FILE.onnx``, ``scripts/export.py``): ONNX
+    Runtime runs the network, the file's metadata gives the classes, inference settings and test transforms, and
+    the post-processing is this project's own, so a deployed model predicts as the PyTorch one."""
+    if cfg.get("weights") or cfg.get("ckpt_path"):
+        raise ValueError("pass either onnx=FILE or weights=/ckpt_path=, not both")
+    from proscale.export.runtime import OnnxRuntimeModel
+
+    runtime = OnnxRuntimeModel(str(cfg.onnx), num_threads=cfg.get("num_threads") or torch.get_num_threads())
+    metadata = runtime.metadata
+    meta = metadata.dataset_meta()
+    if meta is None:
+        raise ValueError(f"{cfg.onnx} stores no class metadata (names, ids): predict cannot label its output")
+    given = {k: cfg.get(k) for k in INFERENCE_OVERRIDES if cfg.get(k) is not None}
+    inference = merged_settings("inference", metadata.inference, given, given)
+    configs = chosen_test_transforms(cfg, metadata.test_transforms, Path(str(cfg.onnx)))
+    model = runtime if metadata.dynamic else FixedSizeInput(runtime, tuple(metadata.image_size))
+    size = "dynamic size" if metadata.dynamic else "fixed size {}x{}".format(*metadata.image_size)
+    print(f"onnx: {cfg.onnx} ({size})")
+    return Predictor(
+        model=model,
+        meta=meta,
+        inference=inference,
+        test_transform=build_test_transform(configs),
+        test_transform_configs=configs,
+        source=str(cfg.onnx),
+    )
+
+
+class FixedSizeInput:
+    """Runs a fixed-size exported model on smaller padded batches: zero-pads the images (B, 3, H, W) on the right
+    and bottom to the export size (as the collate pads) and crops the mask logits back to (H/4, W/4). A batch
+    larger than the export size is refused by the runtime with both sizes named."""
+
+    def __init__(self, model: Callable[[Tensor], dict], size: tuple[int, int]) -> None:
+        self.model, self.size = model, size
+
+    def __call__(self, images: Tensor) -> dict:
+        h, w = images.shape[-2:]
+        if h <= self.size[0] and w <= self.size[1]:
+            images = F.pad(images, (0, self.size[1] - w, 0, self.size[0] - h))
+        outputs = self.model(images)
+        return {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"][..., : h // 4, : w // 4]}
 
 
 def chosen_test_transforms(cfg: DictConfig, stored: list | None, path: Path) -> list:
@@ -253,7 +300,6 @@ def predict_batch(predictor: Predictor, inference: Mask2FormerInference, items: 
 @task_wrapper
 def predict(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Predict every image of ``cfg.input``; returns ({"images", "failed", "seconds"}, {"output_dir", ...})."""
-    set_num_threads(cfg.get("num_threads"))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
     if cfg.device not in ("auto", None):
         device = torch.device(cfg.device)

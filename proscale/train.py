@@ -15,7 +15,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -37,13 +36,6 @@ from proscale.weights import LoadedWeights, load_weights_into
 from proscale.weights.tasks import read_weights_from_cfg, training_model_config
 
 log = get_logger(__name__)
-
-
-def set_num_threads(num_threads: int | None) -> None:
-    """Cap torch's intra-op threads (``num_threads``); on a CPU shared with other jobs, 1 thread per process avoids
-    the idle spinning of oversubscribed thread pools, which can make small ops 10x slower."""
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
 
 
 def build_datamodule_and_module(
@@ -236,7 +228,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     start = time.perf_counter()
     require_backbone_weights(cfg)  # the COCO / ADE20K / Cityscapes presets, before any data is read
-    set_num_threads(cfg.get("num_threads"))
     check_launch(cfg)  # trainer.num_nodes / devices vs torchrun's layout, a taken MASTER_PORT: fail before waiting
     remove_stale_temporaries(cfg.paths.output_dir)
     pretrain_info = maybe_pretrain_backbone(cfg)

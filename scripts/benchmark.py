@@ -18,6 +18,9 @@ time is the median of repeated runs after warm-up (``proscale.analysis.speed``).
    (``conf/experiment/cpu_synthetic.yaml``) on a synthetic batch: images/s and peak memory.
 5. (``--train-options``, or ``--sections options``) the same training step with each compute / memory switch
    (``model.checkpointing``, bf16-mixed, ``model.compile``; fp16 on CUDA) vs the default: time and peak memory.
+6. ``--deploy`` (instead of the sections above; ``proscale/analysis/deploy_bench.py``): ONNX Runtime CPU
+   latency of M2F, PRO-SCALE (3,3,3)+LPE and (1,1,1)+LPE beside PyTorch eager and their GFLOPs, and where
+   ONNX Runtime spends its time; writes ``--out`` (default ``benchmarks/DEPLOY.md``).
 
 ``--quick`` runs everything at reduced sizes and repeats (under a minute on an idle 2-core CPU); its
 ratios are indicative only. A section that fails is reported (with its error) and the others still run.
@@ -720,7 +723,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="add the training-options section: step time and peak memory of each of default, checkpointing, bf16, "
         "fp16 (CUDA), compile (comma list; no value = all but fp16); --sections options runs it alone",
     )
+    parser.add_argument("--deploy", action="store_true", help="the deployment benchmark only (ONNX Runtime vs eager)")
     args = parser.parse_args(argv)
+    if args.deploy:
+        return main_deploy(args, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.threads:
@@ -771,6 +777,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         write_markdown(args.out, markdown(bench, info, command.strip()))
         log(f"wrote {args.out}")
+    return result
+
+
+def main_deploy(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """``--deploy``: see ``proscale/analysis/deploy_bench.py`` (2 threads unless ``--threads``)."""
+    from proscale.analysis.deploy_bench import markdown as deploy_markdown
+    from proscale.analysis.deploy_bench import run_deploy_bench
+
+    size = (256, 352) if args.quick else FULL_SIZE
+    result = run_deploy_bench(
+        build_model, size, threads=args.threads or 2, repeats=2 if args.quick else 5, profile_runs=1 if args.quick else 3,
+        log=log,
+    )  # fmt: skip
+    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = args.out or Path("benchmarks/DEPLOY.md")
+    import onnxruntime
+
+    info = machine_info("cpu")
+    machine = (
+        f"{info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}, onnxruntime {onnxruntime.__version__}, "
+        f"load average at the end {info.get('load_average_1_5_15')}"
+    )
+    write_markdown(out, deploy_markdown(result, command.strip(), machine))
+    log(f"wrote {out}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

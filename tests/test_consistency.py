@@ -301,3 +301,39 @@ def test_stored_settings_replace_the_configured_ones_unless_given_on_the_command
     cfg = compose_config("eval", ["experiment=tiny", "data.test_transforms=[]"], output_dir=tmp_path / "eval2")
     apply_stored_settings(cfg, loaded)
     assert cfg.data.test_transforms == [] and "data.test_transforms: command line" in capsys.readouterr().out
+
+
+def test_predict_through_onnx_runtime_equals_pytorch(easy_run, tmp_path):
+    """`predict onnx=FILE` (an export of the run's checkpoint) writes the same panoptic maps and segments as
+    `predict weights=` on the run's validation images: the deployed model predicts as the PyTorch one."""
+    pytest.importorskip("onnxruntime", reason="the deploy extra is part of the dev install")
+    from proscale.export.task import export
+
+    root, data = easy_run["root"], easy_run["data"]
+    common = [f"paths.data_dir={root / 'data'}", f"paths.log_dir={root / 'logs'}", "device=cpu", "num_threads=1"]
+    onnx_file = tmp_path / "run.onnx"  # fixed size: the 32x32 images are resized to it (short_side=64 below)
+    cfg = compose_config(
+        "export",
+        [f"weights={easy_run['best']}", f"output={onnx_file}", "image_size=[64,64]", *common[:2], "num_threads=1"],
+        output_dir=tmp_path / "export",
+    )
+    export(cfg)
+    outputs = {}
+    for name, source in (("torch", f"weights={easy_run['best']}"), ("onnx", f"onnx={onnx_file}")):
+        out = tmp_path / name
+        cfg = compose_config(
+            "predict",
+            [source, f"input={data / 'val'}", f"output_dir={out}", *common],
+            output_dir=tmp_path / f"p_{name}",
+        )
+        summary, _ = predict(cfg)
+        assert summary["succeeded"] == 4 and summary["failed"] == 0
+        outputs[name] = out
+    torch_json = json.loads((outputs["torch"] / "panoptic.json").read_text())
+    onnx_json = json.loads((outputs["onnx"] / "panoptic.json").read_text())
+    assert onnx_json["annotations"] == torch_json["annotations"]
+    assert sum(len(a["segments_info"]) for a in torch_json["annotations"]) > 0  # something was found
+    for png in sorted((outputs["torch"] / "panoptic").glob("*.png")):
+        np.testing.assert_array_equal(
+            read_panoptic_png(outputs["onnx"] / "panoptic" / png.name), read_panoptic_png(png)
+        )

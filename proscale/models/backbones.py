@@ -35,6 +35,7 @@ from proscale.models.backbone_weights import (
     read_backbone_state_dict,
     weight_sources,
 )
+from proscale.models.ops.graph_capture import capturing
 from proscale.registry import Registry
 
 log = logging.getLogger(__name__)  # the models stay free of Lightning imports
@@ -54,6 +55,8 @@ class _PadFirstSwinBlock(SwinTransformerBlock):
     """
 
     def _shift_mask(self, x: Tensor) -> Tensor:
+        if capturing():  # symbolic sizes (dynamic export) cannot key a cache
+            return self.get_attn_mask(x)
         key = (x.shape[1], x.shape[2], x.device, x.dtype)
         cache = self.__dict__.setdefault("_mask_cache", {})
         if key not in cache:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from proscale.models.ops.graph_capture import capturing
+
 
 class PositionEmbeddingSine(nn.Module):
     """2-D sine/cosine embedding of pixel positions, ``2 * num_pos_feats`` channels (y first, then x).
@@ -27,7 +29,7 @@ class PositionEmbeddingSine(nn.Module):
     def embedding(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """(2*num_pos_feats, H, W) embedding, computed in fp32 and cast to ``dtype``."""
         key = (height, width, str(device), dtype, torch.is_inference_mode_enabled())
-        cached = self._cache.get(key)
+        cached = None if capturing() else self._cache.get(key)
         if cached is not None:
             return cached
         eps = 1e-6
@@ -47,6 +49,8 @@ class PositionEmbeddingSine(nn.Module):
             (pos_y[:, None, :].expand(height, width, -1), pos_x[None, :, :].expand(height, width, -1)), dim=2
         )
         pos = pos.permute(2, 0, 1).contiguous().to(dtype)
+        if capturing():
+            return pos
         if len(self._cache) > 32:
             self._cache.clear()
         self._cache[key] = pos

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from proscale.models.ops.graph_capture import spatial_size
 from proscale.models.pixel_decoder import c2_xavier_fill
 from proscale.models.position_encoding import PositionEmbeddingSine
 
@@ -151,7 +152,7 @@ class MaskedTransformerDecoder(nn.Module):
             raise ValueError(f"expected {self.num_levels} feature maps, got {len(multi_scale_features)}")
         memories, positions, sizes = [], [], []
         for level, feature in enumerate(multi_scale_features):
-            sizes.append((int(feature.shape[-2]), int(feature.shape[-1])))
+            sizes.append(spatial_size(feature))
             pos = self.pe_layer(feature).flatten(2).transpose(1, 2)  # (B, HW, C)
             memory = self.input_proj[level](feature).flatten(2).transpose(1, 2) + self.level_embed.weight[level]
             positions.append(pos)

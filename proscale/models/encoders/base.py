@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from proscale.models.ops import MSDeformAttn
+from proscale.models.ops.graph_capture import capturing, spatial_size
 from proscale.models.ops.inference_gate import fast_inference_allowed
 from proscale.models.position_encoding import PositionEmbeddingSine
 from proscale.registry import Registry
@@ -38,7 +39,7 @@ class MultiScaleEncoder(nn.Module):
 
 def flatten_levels(feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
     """[(B, C, H_l, W_l)] -> tokens (B, sum H_l*W_l, C) and the Python-int spatial shapes."""
-    shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+    shapes = [spatial_size(f) for f in feats]
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)
     return tokens, shapes
 
@@ -183,7 +184,7 @@ def reference_points_for(shapes: list[tuple[int, int]], batch: int, device: torc
     made under ``torch.inference_mode`` must not be reused by autograd-recording code.
     """
     key = (tuple(shapes), str(device), dtype, torch.is_inference_mode_enabled())
-    ref = _REFERENCE_POINTS_CACHE.get(key)
+    ref = None if capturing() else _REFERENCE_POINTS_CACHE.get(key)  # (symbolic shapes: no cache)
     if ref is None:
         points = []
         for h, w in shapes:
@@ -192,6 +193,8 @@ def reference_points_for(shapes: list[tuple[int, int]], batch: int, device: torc
             grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
             points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
         ref = torch.cat(points, 0).to(dtype)  # (S, 2)
+        if capturing():
+            return ref[None, :, None, :].expand(batch, -1, len(shapes), -1)
         if len(_REFERENCE_POINTS_CACHE) >= 64:  # many input sizes (e.g. varying test images): start over
             _REFERENCE_POINTS_CACHE.clear()
         _REFERENCE_POINTS_CACHE[key] = ref
@@ -217,20 +220,22 @@ class SineLevelEmbedding(nn.Module):
     def _sine_and_levels(self, shapes: tuple, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Cached (S, C) sine table of all levels and the (S,) level index of every token."""
         key = (shapes, str(device), dtype, torch.is_inference_mode_enabled())
-        cached = self._sine_cache.get(key)
+        cached = None if capturing() else self._sine_cache.get(key)
         if cached is None:
             sine = [self.pos.embedding(h, w, device, dtype).flatten(1).transpose(0, 1) for h, w in shapes]
             levels = [
                 torch.full((h * w,), level, device=device, dtype=torch.long) for level, (h, w) in enumerate(shapes)
             ]
             cached = (torch.cat(sine, 0), torch.cat(levels, 0))
+            if capturing():
+                return cached
             if len(self._sine_cache) >= 32:
                 self._sine_cache.clear()
             self._sine_cache[key] = cached
         return cached
 
     def forward(self, feats: list[Tensor]) -> Tensor:
-        shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feats)
+        shapes = tuple(spatial_size(f) for f in feats)
         sine, levels = self._sine_and_levels(shapes, feats[0].device, feats[0].dtype)
         pos = sine + self.level_embed.to(sine.dtype)[levels]  # (S, C)
         return pos[None].expand(feats[0].shape[0], -1, -1)

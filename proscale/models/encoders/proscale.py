@@ -57,6 +57,7 @@ from proscale.models.encoders.base import (
     unflatten_levels,
 )
 from proscale.models.encoders.trc import TokenRecalibration
+from proscale.models.ops.graph_capture import spatial_size
 
 
 def validate_schedule(schedule: Sequence[int], num_levels: int | None = None) -> tuple[int, ...]:
@@ -150,7 +151,7 @@ class ProScaleEncoder(MultiScaleEncoder):
         if len(feats) != self.num_levels:
             raise ValueError(f"ProScaleEncoder expects {self.num_levels} feature maps, got {len(feats)}")
         batch = feats[0].shape[0]
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        shapes = [spatial_size(f) for f in feats]
         ends = list(accumulate(h * w for h, w in shapes))  # token count of each stage (Python ints)
         pos = self.embed(feats)  # (B, S, C) for all tokens; stages use prefixes
         ref = reference_points_for(shapes, batch, feats[0].device, feats[0].dtype)  # (B, S, L, 2), a view

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from proscale.models.ops.graph_capture import sizes_tensor
 from proscale.models.ops.inference_gate import fast_inference_allowed
 from proscale.models.ops.ms_deform_attn_gather import ms_deform_attn_gather, ms_deform_attn_gather_from_offsets
 
@@ -198,7 +199,7 @@ class MSDeformAttn(nn.Module):
             # the fast kernel forms ref * size + offset per level itself (no normalized-location tensor)
             return ms_deform_attn_gather_from_offsets(value, spatial_shapes, reference_points, offsets, weights)
         # offsets are in pixels of each level: divide by (W_l, H_l)
-        normalizer = offsets.new_tensor([[w, h] for h, w in spatial_shapes])  # (L, 2)
+        normalizer = sizes_tensor(spatial_shapes, offsets)  # (L, 2)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return ms_deform_attn(value, spatial_shapes, locations, weights, impl=self.impl)
 
