@@ -110,8 +110,9 @@ def test_installed_wheel_trains_and_evaluates_from_another_directory(wheel, tmp_
 
 APP_HELP = {
     "train": ("proscale train: train a Mask2Former / PRO-SCALE model", "experiment=NAME", "ckpt_path=PATH|last"),
-    "eval": ("proscale eval: score a checkpoint on the test split", "ckpt_path=PATH|last", "experiment=NAME"),
-    "predict": ("proscale predict: segment a folder of images", "ckpt_path=PATH", "input_dir=DIR"),
+    "eval": ("proscale eval: score weights on the test split", "weights=PATH", "ckpt_path=PATH|last"),
+    "predict": ("proscale predict: segment images", "weights=PATH", "input=PATH", "onnx=FILE"),
+    "export": ("proscale export: weights -> an ONNX model", "output=FILE", "dynamic=true|false"),
 }
 
 
@@ -121,7 +122,7 @@ def test_app_help_says_what_it_does_and_lists_its_options(app, tmp_path):
     for text in APP_HELP[app]:
         assert text in out
     assert "== Config groups (group=option) ==" in out and "PROSCALE_CONFIG_PATH" in out
-    if app != "predict":
+    if app not in ("predict", "export"):
         experiments = next(line for line in out.splitlines() if line.startswith("experiment: "))
         assert "tiny" in experiments and "cpu_synthetic" in experiments
     assert list(tmp_path.iterdir()) == []  # --help runs nothing and writes nothing
