@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from proscale.data.categories import builtin_meta, meta_from_categories
 from proscale.data.collate import collate_batch
 from proscale.data.common import make_item
 from proscale.data.image_io import read_rgb_image
@@ -89,13 +90,11 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
     if cfg.get("onnx"):
         return load_onnx_predictor(cfg)
     loaded = read_weights_of(cfg)
-    meta = stored_meta(loaded)
-    if meta is None:
-        raise ValueError(f"{loaded.path} stores no class metadata (names, ids): predict cannot label its output")
     explicit = command_line_model_overrides()
     model_cfg = resolve_model_config(cfg.get("model") or OmegaConf.create({}), loaded, explicit)
     skip_backbone_pretraining_weights(model_cfg, explicit)
     model = hydra.utils.instantiate(model_cfg)
+    meta = class_metadata(cfg.get("classes"), stored_meta(loaded), int(model.num_classes), loaded.path)
     load_weights_into(model, loaded, allow_partial=bool(cfg.get("weights_allow_partial", False)))
     given = {k: cfg.get(k) for k in INFERENCE_OVERRIDES if cfg.get(k) is not None}
     inference = merged_settings("inference", loaded.inference, given, given)
@@ -108,6 +107,49 @@ def load_predictor(cfg: DictConfig, device: torch.device) -> Predictor:
         test_transform_configs=configs,
         source=str(loaded.path),
     )
+
+
+KNOWN_CLASS_COUNTS = {133: "coco_panoptic", 150: "ade20k", 19: "cityscapes", 80: "coco_instance"}
+
+
+def class_metadata(classes: str | None, stored: DatasetMeta | None, num_classes: int, source: Path) -> DatasetMeta:
+    """The class names / ids / thing flags that label the output.
+
+    ``classes`` (predict.yaml) wins: a built-in dataset (``coco_panoptic``, ``ade20k``, ``cityscapes``,
+    ``coco_instance``) or a COCO JSON with ``categories``. Else the classes the weights store (this project's
+    checkpoints). A foreign file (detectron2, official PRO-SCALE, Hugging Face) stores none: a class count of a
+    built-in dataset takes its classes (printed, as detectron2's model zoo does), any other count gets numbered
+    names with a warning. The chosen classes must match the model's class head.
+    """
+    if classes:
+        if Path(str(classes)).is_file():
+            data = read_json(Path(str(classes)), "classes file")
+            categories = data.get("categories") if isinstance(data, dict) else None
+            meta = meta_from_categories(categories or [], str(classes))
+        else:
+            meta = builtin_meta(str(classes))
+        print(f"classes: {classes} (command line)")
+    elif stored is not None:
+        return stored
+    elif num_classes in KNOWN_CLASS_COUNTS:
+        name = KNOWN_CLASS_COUNTS[num_classes]
+        print(
+            f"classes: {source} stores no class names; its {num_classes}-class head is read as {name} (classes=... to choose)"
+        )
+        meta = builtin_meta(name)
+    else:
+        log.warning(
+            f"{source} stores no class names and {num_classes} classes match no built-in dataset: segments are labelled "
+            "'class 0', 'class 1', ... (all as things); pass classes=<COCO JSON with categories> to name them"
+        )
+        return DatasetMeta(
+            [f"class {i}" for i in range(num_classes)], list(range(1, num_classes + 1)), [True] * num_classes
+        )
+    if meta.num_classes != num_classes:
+        raise ValueError(
+            f"classes={classes or name}: {meta.num_classes} classes, but the model of {source} has {num_classes}"
+        )
+    return meta
 
 
 def load_onnx_predictor(cfg: DictConfig) -> Predictor:

@@ -62,12 +62,12 @@ TO_DETECTRON2 = [
 ]
 
 
-def tiny_model(backbone: str, lpe: bool = False, seed: int = 0) -> Mask2Former:
+def tiny_model(backbone: str, lpe: bool = False, seed: int = 0, num_classes: int = 3) -> Mask2Former:
     torch.manual_seed(seed)
     return Mask2Former(
         build_backbone("timm", **BACKBONES[backbone]),
         M2FEncoder(d_model=32, num_layers=2, n_heads=4, dim_feedforward=64),
-        num_classes=3, conv_dim=32, mask_dim=32, lpe=lpe, num_queries=4, hidden_dim=32, dim_feedforward=64, nheads=4,
+        num_classes=num_classes, conv_dim=32, mask_dim=32, lpe=lpe, num_queries=4, hidden_dim=32, dim_feedforward=64, nheads=4,
     )  # fmt: skip
 
 
@@ -127,7 +127,7 @@ def test_detectron2_pickle_round_trip(tmp_path, backbone, lpe):
         torch.testing.assert_close(target(images)["pred_masks"], source(images)["pred_masks"], rtol=0, atol=0)
 
 
-def hf_resnet26():
+def hf_resnet26(num_labels: int = 3):
     """HF Mask2Former whose ResNet is timm's resnet26 (bottleneck, depths 2-2-2-2)."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
 
@@ -146,7 +146,7 @@ def hf_resnet26():
         dim_feedforward=64,
         num_queries=4,
         num_attention_heads=4,
-        num_labels=3,
+        num_labels=num_labels,
         encoder_layers=2,
     )
     return Mask2FormerForUniversalSegmentation(config)

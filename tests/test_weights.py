@@ -86,12 +86,12 @@ def test_detectron2_mask2former(tmp_path, container, backbone):
     assert_same_outputs(model, source)
 
 
-def official_model(seed=0) -> Mask2Former:
+def official_model(seed=0, num_classes=5) -> Mask2Former:
     torch.manual_seed(seed)
     encoder = ProScaleEncoder(d_model=32, schedule=(2, 1, 1), n_heads=4, n_points=4, dim_feedforward=64,
                               trc_layout="released")  # fmt: skip
     return Mask2Former(
-        build_backbone("timm", model_name="resnet26"), encoder, num_classes=5, conv_dim=32, mask_dim=32, lpe=True,
+        build_backbone("timm", model_name="resnet26"), encoder, num_classes=num_classes, conv_dim=32, mask_dim=32, lpe=True,
         num_queries=6, dec_layers=3, hidden_dim=32, dim_feedforward=64, nheads=4,
     )  # fmt: skip
 
