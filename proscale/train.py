@@ -209,7 +209,9 @@ def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:
     ``true`` or ``none``), when ``weights`` initialise the whole model, or when resuming (the checkpoint holds every
     weight). Returns the pre-training info or None."""
     given = pretrained_choice(cfg.model.backbone.get("pretrained")) is not NOT_SET  # a file, true or none
-    if not cfg.get("pretrain") or given or cfg.get("ckpt_path") or cfg.get("weights"):
+    # `pretrain=none` under a preset that tweaks `pretrain.steps` leaves a node without a `kind`: nothing to run
+    enabled = (cfg.get("pretrain") or {}).get("kind") == "semantic"
+    if not enabled or given or cfg.get("ckpt_path") or cfg.get("weights"):
         return None
     from proscale.lightning.backbone_pretrain import pretrain_backbone
 

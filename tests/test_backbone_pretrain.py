@@ -132,3 +132,15 @@ def test_pretraining_data_is_freed_when_it_returns(tmp_path):
     finally:
         gc.enable()
     assert alive == 0, f"{alive} pre-training dataset(s) still in memory"
+
+
+def test_pretrain_none_under_a_preset_that_tweaks_the_steps_runs_nothing(tmp_path):
+    """cpu_synthetic sets `pretrain.steps`; with `pretrain=none` that tweak is all the node holds: no pre-training
+    (it used to start one and fail on the missing cache folder)."""
+    from proscale.train import maybe_pretrain_backbone
+    from proscale.utils.hydra_utils import compose_config
+
+    cfg = compose_config("train", ["experiment=cpu_synthetic", "pretrain=none"], output_dir=tmp_path)
+    assert cfg.pretrain == {"steps": 3000}
+    assert maybe_pretrain_backbone(cfg) is None
+    assert compose_config("train", ["experiment=cpu_synthetic"], output_dir=tmp_path).pretrain.kind == "semantic"

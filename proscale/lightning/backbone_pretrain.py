@@ -143,7 +143,11 @@ def _cache_key(cfg: DictConfig) -> str:
         "version": CACHE_VERSION,
         "backbone": OmegaConf.to_container(cfg.model.backbone, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "pretrain": {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k != "cache_dir"},
+        "pretrain": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items()
+            if k not in ("cache_dir", "kind")
+        },
         "seed": cfg.get("seed"),
     }
     # do not change the weights
