@@ -10,6 +10,7 @@ worse than ~2.2x. Settings (``--settings``, comma separated):
     passive     OMP_WAIT_POLICY=PASSIVE (the default now, proscale/utils/threads.py), torch's default threads
     passive-1   OMP_WAIT_POLICY=PASSIVE, num_threads=1
     spin-1      OMP_WAIT_POLICY unset, num_threads=1
+    short-spin  OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000 (libgomp spins ~30x shorter before it sleeps)
 
     python scripts/measure_shared_cpu.py                 # the measurement: main-job model, 30 steps (~10 min)
     python scripts/measure_shared_cpu.py --quick         # a check that it works: tiny model, 6 steps (~2 min)
@@ -38,6 +39,7 @@ SETTINGS = {
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
     "passive-1": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["num_threads=1"]),
     "spin-1": ({"OMP_WAIT_POLICY": "default"}, ["num_threads=1"]),
+    "short-spin": ({"OMP_WAIT_POLICY": "default", "GOMP_SPINCOUNT": "10000"}, []),
 }
 FULL = ["experiment=cpu_synthetic", "pretrain=none", "data.num_train=480"]  # the main job's model and images
 QUICK = ["experiment=tiny"]
