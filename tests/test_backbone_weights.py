@@ -348,3 +348,17 @@ def test_train_refuses_before_reading_any_data(tmp_path):
     with pytest.raises(ValueError, match="model.backbone.pretrained=none"):
         train(cfg)
     assert not (tmp_path / "no_data").exists()
+
+
+def test_timm_stem_names_are_not_mistaken_for_detectron2(tmp_path):
+    """timm RegNets name their stem `stem.conv` / `stem.bn` (the main job's regnetx_002): a file of those names is
+    timm's layout, not detectron2's (whose ResNets have res2..res5 blocks); it used to be renamed and refused."""
+    import timm
+
+    from proscale.models.backbone_weights import read_backbone_state_dict
+
+    source = timm.create_model("regnetx_002", pretrained=False)
+    path = tmp_path / "regnetx_002.pt"
+    torch.save(source.state_dict(), path)
+    state, layout = read_backbone_state_dict(path)
+    assert layout == "torch" and "stem.conv.weight" in state

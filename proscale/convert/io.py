@@ -53,7 +53,7 @@ def read_state_dict(path: str | os.PathLike, allow_unsafe: bool = False) -> dict
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     except Exception as err:  # corrupt / truncated files raise many different types
         raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    return _as_tensor_dict(_unwrap(raw, path), path)
+    return as_tensor_dict(_unwrap(raw, path), path)
 
 
 def _unwrap(raw: object, path: Path) -> Mapping:
@@ -66,17 +66,18 @@ def _unwrap(raw: object, path: Path) -> Mapping:
     return raw
 
 
-def _as_tensor_dict(raw: Mapping, path: Path) -> dict[str, Tensor]:
+def as_tensor_dict(raw: Mapping, path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Tensor]:
+    """``{name: Tensor | ndarray}`` -> ``{name: Tensor}`` (numpy arrays copied to writable C-ordered tensors; 0-d
+    stays 0-d); ValueError naming ``what`` + ``path`` for an entry that is no array, or for no entries at all."""
     out = {}
     for key, value in raw.items():
-        if isinstance(value, Tensor):
-            out[str(key)] = value
-        elif isinstance(value, np.ndarray):
-            out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
-        else:
-            raise ValueError(f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not an array")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.array(value, order="C"))
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{what} {path}: entry {key!r} is a {type(value).__name__}, not an array")
+        out[str(key)] = value
     if not out:
-        raise ValueError(f"checkpoint {path} contains no tensors")
+        raise ValueError(f"{what} {path} contains no tensors")
     return out
 
 
@@ -175,4 +176,12 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], allow_partial: bool
     return report
 
 
-__all__ = ["LoadReport", "fit_report", "load_into", "read_state_dict", "strip_common_prefix", "write_state_dict"]
+__all__ = [
+    "LoadReport",
+    "as_tensor_dict",
+    "fit_report",
+    "load_into",
+    "read_state_dict",
+    "strip_common_prefix",
+    "write_state_dict",
+]

@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
+from proscale.convert.io import as_tensor_dict
 from proscale.utils.safe_load import UnsafeFileError, load_pickle, torch_load
 
 NOT_SET = None  # pretrained_choice: no weights given
@@ -48,7 +47,8 @@ FROM_FILE = "file"  # pretrained_choice: a local file
 _LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 # names of the MSRA caffe2 ResNet pickles (e.g. conv1_w, res_conv1_bn_s, res2_0_branch2a_w, fc1000_b)
 _CAFFE2_NAME = re.compile(r"^(conv1_[wb]|res_conv1_bn_\w+|res\d+_\d+_branch\w+|fc1000_[wb])$")
-_DETECTRON2_NAME = re.compile(r"^(stem\.|res[2-5]\.)")
+# detectron2 ResNets always have res2..res5 blocks; `stem.` alone is also timm's name for RegNet / ConvNeXt stems
+_DETECTRON2_NAME = re.compile(r"^res[2-5]\.")
 
 # where to get ImageNet weights, by timm model name
 WEIGHT_SOURCES = {
@@ -113,19 +113,6 @@ def _weights_mapping(raw: Any, path: Path) -> Mapping:
     return raw
 
 
-def _as_tensors(weights: Mapping, path: Path) -> dict[str, Tensor]:
-    out = {}
-    for key, value in weights.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.array(value, order="C"))  # a writable copy; keeps 0-d arrays 0-d
-        if not isinstance(value, Tensor):
-            raise ValueError(f"backbone weights {path}: entry {key!r} is a {type(value).__name__}, not an array")
-        out[str(key)] = value
-    if not out:
-        raise ValueError(f"backbone weights {path} contain no arrays")
-    return out
-
-
 def _strip_common_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop ``module.`` (DDP) / ``model.`` / ``backbone.`` when *every* key carries it."""
     for prefix in ("module.", "model.", "backbone."):
@@ -172,7 +159,7 @@ def read_backbone_state_dict(path: str | os.PathLike, allow_unsafe: bool = False
             "torchvision-converted R-50.pkl instead (what Mask2Former's R50 configs start from): "
             "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"
         )
-    state = _strip_common_prefixes(_as_tensors(weights, path))
+    state = _strip_common_prefixes(as_tensor_dict(weights, path, "backbone weights"))
     if any(_DETECTRON2_NAME.match(key) for key in state):
         return {detectron2_to_torchvision_name(key): value for key, value in state.items()}, "detectron2"
     return state, "torch"

@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from proscale.convert.detectron2 import detectron2_to_proscale
 from proscale.convert.hf import hf_to_proscale
-from proscale.convert.io import strip_common_prefix
+from proscale.convert.io import as_tensor_dict, strip_common_prefix
 from proscale.convert.proscale_official import official_encoder_config, proscale_official_to_proscale
 from proscale.utils.safe_load import RestrictedUnpickler, UnsafeFileError, load_pickle, torch_load
 from proscale.weights.architecture import derive_overrides, encoder_levels, hf_config_overrides
@@ -176,27 +174,13 @@ def _from_lightning(raw: Mapping, path: Path, use_ema: bool) -> LoadedWeights:
     return LoadedWeights(
         path=path,
         format="lightning",
-        state_dict=_tensors(weights, path),
+        state_dict=as_tensor_dict(weights, path, "weights"),
         model_config=dict(hparams["model_config"]),
         meta=hparams.get("meta"),
         inference=hparams.get("inference"),
         test_transforms=hparams.get("test_transforms"),
         ema=took_ema,
     )
-
-
-def _tensors(raw: Mapping, path: Path) -> dict[str, Tensor]:
-    out = {}
-    for key, value in raw.items():
-        if isinstance(value, Tensor):
-            out[str(key)] = value
-        elif isinstance(value, np.ndarray):
-            out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
-        else:
-            raise ValueError(f"weights {path}: entry {key!r} is a {type(value).__name__}, not an array")
-    if not out:
-        raise ValueError(f"weights {path} contain no tensors")
-    return out
 
 
 def _naming(keys: list[str]) -> str | None:
@@ -211,7 +195,7 @@ def _naming(keys: list[str]) -> str | None:
 
 
 def _from_state_dict(raw: Mapping, path: Path) -> LoadedWeights:
-    state = strip_common_prefix(_tensors(raw, path), ("module.",))
+    state = strip_common_prefix(as_tensor_dict(raw, path, "weights"), ("module.",))
     naming = _naming(list(state))
     if naming is None and any(k.startswith(tuple("model." + r for r in _OUR_ROOTS)) for k in state):
         # a wrapper's state dict (e.g. a LightningModule's): keep the model's entries, drop its loss buffers
@@ -269,7 +253,7 @@ def _read_hf_folder(folder: Path, allow_unsafe: bool) -> LoadedWeights:
 
         state = load_file(str(weights_path))
     else:
-        state = _tensors(torch_load(weights_path, allow_unsafe=allow_unsafe), weights_path)
+        state = as_tensor_dict(torch_load(weights_path, allow_unsafe=allow_unsafe), weights_path, "weights")
     if _naming(list(state)) != "hf":
         raise ValueError(f"weights {weights_path}: not Hugging Face Mask2Former names (first: {list(state)[:3]})")
     converted = hf_to_proscale(state)
