@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from proscale.data.transforms import Compose
 from proscale.structures import DatasetMeta
 from proscale.utils.checkpoints import resolve_ckpt_path
-from proscale.weights import LoadedWeights, read_weights
+from proscale.weights import LoadedWeights
+from proscale.weights.tasks import read_weights_from_cfg
 
 
 def weights_path(cfg: DictConfig) -> str:
@@ -42,11 +43,7 @@ def weights_path(cfg: DictConfig) -> str:
 
 def read_weights_of(cfg: DictConfig) -> LoadedWeights:
     """Read the weights the config names, with its ``weights_ema`` / ``allow_unsafe_load`` choices."""
-    loaded = read_weights(
-        weights_path(cfg),
-        use_ema=bool(cfg.get("weights_ema", True)),
-        allow_unsafe=bool(cfg.get("allow_unsafe_load", False)),
-    )
+    loaded = read_weights_from_cfg(cfg, weights_path(cfg))
     print(f"weights: {loaded.path} ({loaded.format}{', EMA weights' if loaded.ema else ''})")
     return loaded
 

@@ -23,9 +23,10 @@ def _plain(value: Any) -> Any:
 
 def build_from_weights(cfg: DictConfig) -> tuple[torch.nn.Module, DeployMetadata]:
     """The model of ``cfg.weights`` (via the weights API) and the metadata to store beside it."""
-    from proscale.weights import command_line_model_overrides, load_weights_into, read_weights, resolve_model_config
+    from proscale.weights import command_line_model_overrides, load_weights_into, resolve_model_config
+    from proscale.weights.tasks import read_weights_from_cfg
 
-    loaded = read_weights(cfg.weights, use_ema=cfg.weights_ema, allow_unsafe=cfg.allow_unsafe_load)
+    loaded = read_weights_from_cfg(cfg)
     model_cfg = resolve_model_config(cfg.model, loaded, command_line_model_overrides())
     model = hydra.utils.instantiate(model_cfg)
     load_weights_into(model, loaded, allow_partial=cfg.weights_allow_partial)
