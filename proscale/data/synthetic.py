@@ -48,6 +48,8 @@ SPLITS = ("train", "val")
 
 THING_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross")
 STUFF_CLASSES = ("stripes", "checker", "noise", "gradient")
+# fills of thing instances and their relative frequency
+THING_FILLS = {"solid": 0.5, "gradient": 0.3, "stripes": 0.2}
 # Category ids as in a COCO file: things 1-6, stuff 7-10; contiguous index = id - 1.
 CATEGORIES = [
     {"id": i + 1, "name": name, "isthing": 1, "supercategory": "shape"} for i, name in enumerate(THING_CLASSES)
@@ -86,6 +88,8 @@ class SyntheticConfig:
     max_stuff_regions: int = 3
     seed: int = 0
     jpeg_quality: int = 92
+    # how thing instances are filled, drawn with the weights of THING_FILLS among those listed
+    thing_fills: tuple[str, ...] = ("solid", "gradient", "stripes")
 
     def __post_init__(self) -> None:
         if self.num_train < 1 or self.num_val < 1:
@@ -98,6 +102,8 @@ class SyntheticConfig:
             )
         if not 1 <= self.max_stuff_regions <= len(STUFF_CLASSES):
             raise ValueError(f"synthetic: max_stuff_regions must be in [1, {len(STUFF_CLASSES)}]")
+        if not self.thing_fills or set(self.thing_fills) - set(THING_FILLS):
+            raise ValueError(f"synthetic: thing_fills must be a non-empty subset of {sorted(THING_FILLS)}, got {self.thing_fills}")
         if self.min_object_size > self.max_object_fraction * min(self.height, self.width):
             raise ValueError("synthetic: min_object_size exceeds max_object_fraction * short side")
 
@@ -183,10 +189,13 @@ def _stuff_texture(kind: str, rng: np.random.Generator, grid_y: np.ndarray, grid
     return _blend(t, c1, c2)
 
 
-def _thing_fill(rng: np.random.Generator, base: np.ndarray, grid_y: np.ndarray, grid_x: np.ndarray) -> np.ndarray:
+def _thing_fill(
+    rng: np.random.Generator, base: np.ndarray, grid_y: np.ndarray, grid_x: np.ndarray, fills: tuple[str, ...]
+) -> np.ndarray:
     """(H, W, 3) float fill of one instance: solid + noise, a gradient or fine stripes around ``base``."""
     other = np.clip(base + rng.uniform(-60, 60, size=3), 0, 255)
-    kind = rng.choice(["solid", "gradient", "stripes"], p=[0.5, 0.3, 0.2])
+    weights = np.array([THING_FILLS[f] for f in fills])
+    kind = fills[0] if len(fills) == 1 else rng.choice(list(fills), p=weights / weights.sum())
     if kind == "solid":
         return np.broadcast_to(base, grid_y.shape + (3,)) + rng.normal(0, 6, size=grid_y.shape + (3,))
     angle = rng.uniform(0, 2 * math.pi)
@@ -274,7 +283,7 @@ def render_image(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.nda
             base = _color(rng)
         category_id = shape_index + 1
         thing_id = category_id * 1000 + len(full_area) + 1
-        window[local] = _thing_fill(rng, base, grid_y[rows, cols], grid_x[rows, cols])[local]
+        window[local] = _thing_fill(rng, base, grid_y[rows, cols], grid_x[rows, cols], cfg.thing_fills)[local]
         ids[rows, cols][local] = thing_id
         for i, n in losses.items():
             visible_area[i] -= n
@@ -361,7 +370,7 @@ def _write_split(root: Path, cfg: SyntheticConfig, split: str, split_index: int,
 
 
 def _params(cfg: SyntheticConfig) -> dict:
-    return {"version": GENERATOR_VERSION, "params": asdict(cfg)}
+    return json.loads(json.dumps({"version": GENERATOR_VERSION, "params": asdict(cfg)}))  # tuples as lists
 
 
 def default_workers(cfg: SyntheticConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class SyntheticDataModule(PanopticDataModule):
         min_object_size: int = 8,
         max_object_fraction: float = 0.5,
         max_stuff_regions: int = 3,
+        thing_fills: Sequence[str] = ("solid", "gradient", "stripes"),
         **kwargs: Any,
     ) -> None:
         self.generator_config = SyntheticConfig(
@@ -64,6 +66,7 @@ class SyntheticDataModule(PanopticDataModule):
             min_object_size=min_object_size,
             max_object_fraction=max_object_fraction,
             max_stuff_regions=max_stuff_regions,
+            thing_fills=tuple(thing_fills),
         )
         kwargs.setdefault("train_split", "train")
         kwargs.setdefault("val_split", "val")
