@@ -305,3 +305,21 @@ def test_the_picture_can_be_turned_off(tmp_path):
     (grid,) = [cb for cb in instantiate_callbacks(on.callbacks) if isinstance(cb, PredictionGrid)]
     assert grid.path == tmp_path / "predictions_val.png" and grid.num_images == 4
     assert not [cb for cb in instantiate_callbacks(off.callbacks) if isinstance(cb, PredictionGrid)]
+
+
+def test_a_label_at_the_border_stays_whole_inside_the_panel():
+    image = np.full((64, 64, 3), 100, dtype=np.uint8)
+    segments = [{"id": 1, "category_id": 0, "score": 0.5}]
+
+    def label_box(first_column: int) -> tuple[int, int]:
+        """First and last column of the black label box of a 2-column segment starting at ``first_column``."""
+        ids = np.zeros((64, 64), dtype=np.int64)
+        ids[:, first_column : first_column + 2] = 1
+        overlay, _ = draw_labelled_segments(image, ids, segments, NAMES, min_side=256)
+        columns = np.nonzero((overlay == 0).all(-1).any(0))[0]
+        return int(columns.min()), int(columns.max())
+
+    left, right = label_box(0)
+    middle_left, middle_right = label_box(31)
+    # on the left border the label is shifted right, whole: as wide as in the middle, starting at column 0
+    assert left == 0 and right - left == middle_right - middle_left > 40

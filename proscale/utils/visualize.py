@@ -171,8 +171,11 @@ def draw_labelled_segments(
             text = f"{text} {float(segment['score']):.2f}"
         x, y = _label_anchor(region)
         left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
-        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
-        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
+        # shifted inside the canvas: a segment at the border must not lose the start or end of its name
+        dx = max(0, 2 - left) - max(0, right + 2 - canvas.width)
+        dy = max(0, 1 - top) - max(0, bottom + 1 - canvas.height)
+        draw.rectangle((left + dx - 2, top + dy - 1, right + dx + 2, bottom + dy + 1), fill=(0, 0, 0))
+        draw.text((x + dx, y + dy), text, fill=(255, 255, 255), font=font, anchor="mm")
     if not present:
         _draw_message(draw, canvas.size, empty_message, font)
     return np.asarray(canvas), sorted(present)
@@ -349,9 +352,18 @@ def comparison_grid(
     return vstack([comparison_row(s, class_names, colors, min_side) for s in samples], gap=8)
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG atomically (:func:`proscale.utils.io.atomic_write`)."""
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as PNG file content (what notebooks display: PNG only, no JPEG copy)."""
+    import io
+
     from PIL import Image
 
-    picture = Image.fromarray(rgb)
-    return atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an (H, W, 3) uint8 array as PNG atomically (:func:`proscale.utils.io.atomic_write`)."""
+    content = png_bytes(rgb)
+    return atomic_write(path, lambda handle: handle.write(content))
