@@ -8,7 +8,7 @@ export MPLBACKEND ?= Agg
 export WANDB_MODE ?= offline
 # failing runs print one message (traceback in results.json); `HYDRA_FULL_ERROR=1 make train` prints it too
 
-.PHONY: install constraints test test-all lint train ablation flops-table bench clean
+.PHONY: install constraints test test-all lint train ablation flops-table bench notebooks clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ flops-table: $(STAMP)
 ## `make bench ARGS=--quick` (< 1 min idle); on a CPU shared with other jobs use ARGS="--threads 1 --clock cpu".
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --out benchmarks/RESULTS.md --json benchmarks/results.json $(ARGS)
+
+## Execute notebooks/*.ipynb in place on their default settings, so they are stored with their figures (commit them).
+## One notebook: `make notebooks ARGS=inspect_predictions.ipynb`.
+notebooks: $(STAMP)
+	$(PY) scripts/execute_notebooks.py $(ARGS)
 
 clean:
 	rm -rf outputs logs .pytest_cache .ruff_cache

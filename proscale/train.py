@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from proscale.lightning.callbacks import WANDB_RUN_ID_KEY, AtomicCheckpointIO, WandbExtras
 from proscale.lightning.distributed import check_launch, module_config_for_precision, trainer_config_for_launch
 from proscale.lightning.interrupt import GracefulInterrupt
+from proscale.lightning.prediction_grid import PredictionGrid
 from proscale.models.backbone_weights import NOT_SET, pretrained_choice, require_backbone_weights
 from proscale.utils.checkpoints import check_state_dict_fits, load_checkpoint_cpu, resolve_ckpt_path
 from proscale.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -195,12 +196,15 @@ def collect_results(
 
 
 def finish_run(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any], title: str) -> None:
-    """Rank 0: write results.json atomically, print the metrics table and the file's path."""
+    """Rank 0: write results.json atomically, print the metrics table, the file's path and the prediction grid's."""
     if not trainer.is_global_zero:
         return
     path = write_results(cfg.paths.output_dir, results)
     print_metrics_table(results, title=title)
     print(f"results: {Path(path).resolve()}", flush=True)
+    pictures = [cb.written for cb in trainer.callbacks if isinstance(cb, PredictionGrid) and cb.written is not None]
+    for picture in pictures:  # (callbacks.prediction_grid)
+        print(f"predictions (validation images, ground truth | prediction): {picture}", flush=True)
 
 
 def maybe_pretrain_backbone(cfg: DictConfig) -> dict[str, Any] | None:

@@ -9,7 +9,8 @@
   for logs that are not a terminal (SLURM output files, ``| tee``), where the rich progress bar shows nothing.
 - :class:`LayerSummary`: Lightning's rich table of the model's layers and parameter counts, without the FLOPs
   column and total that Lightning fills with zeros (our GFLOPs are :class:`ComputeStats`'s).
-- :class:`WandbExtras`: W&B run summary (config, GFLOPs, params), validation overlays, per-class PQ table,
+- :class:`WandbExtras`: W&B run summary (config, GFLOPs, params), validation images (ground truth beside the
+  prediction, class names, scores, legend), per-class PQ table,
   and the run id stored in checkpoints so a resumed training continues the same W&B run.
 """
 
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import WandbLogger
 from proscale.utils.io import atomic_torch_save
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.safe_load import torch_load
-from proscale.utils.visualize import panoptic_overlay
+from proscale.utils.visualize import comparison_row
 
 log = get_logger(__name__)
 
@@ -290,12 +291,13 @@ class WandbExtras(Callback):
     """Everything W&B-specific beyond scalar metrics; a no-op when no ``WandbLogger`` is configured.
 
     Args:
-        num_images: validation overlays logged per validation epoch.
+        num_images: validation images logged per validation epoch (image | ground truth | prediction + legend).
         summary: extra key/values for the run summary (e.g. the resolved config from the train task).
+        min_side: the logged panels are enlarged (nearest) to at least this short side, so names stay legible.
     """
 
-    def __init__(self, num_images: int = 4, summary: dict[str, Any] | None = None) -> None:
-        self.num_images = num_images
+    def __init__(self, num_images: int = 4, summary: dict[str, Any] | None = None, min_side: int = 256) -> None:
+        self.num_images, self.min_side = num_images, min_side
         self.summary = dict(summary or {})
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -322,25 +324,25 @@ class WandbExtras(Callback):
         loggers = _wandb_loggers(trainer)
         if not loggers or trainer.global_rank != 0 or trainer.sanity_checking:
             return
-        import wandb
-
         meta = getattr(pl_module, "meta", None)
-        colors = meta.colors if meta is not None else None
-        images = [
-            wandb.Image(
-                panoptic_overlay(s["image"], s["segment_ids"], s["segments"], colors), caption=str(s["file_name"])
-            )
-            for s in pl_module.vis_samples[: self.num_images]
-        ]
-        payload: dict[str, Any] = {}
-        if images:
-            payload["val/predictions"] = images
+        self.log_validation_images(loggers, pl_module.vis_samples[: self.num_images], meta, trainer.global_step)
         table = self._per_class_table(pl_module, meta)
         if table is not None:
-            payload["val/per_class_PQ"] = table
+            for logger in loggers:
+                logger.experiment.log({"val/per_class_PQ": table, "trainer/global_step": trainer.global_step})
+
+    def log_validation_images(self, loggers: list, samples: list[dict], meta: Any, step: int) -> None:
+        """One image per validation sample through each logger's ``log_image`` (key ``val/predictions``): image |
+        ground truth | prediction with class names, scores and a legend, enlarged to ``min_side`` px
+        (:func:`proscale.utils.visualize.comparison_row`), captioned with the file name."""
+        if not samples:
+            return
+        names = list(meta.class_names) if meta is not None else []  # (unnamed classes show their index)
+        colors = meta.colors if meta is not None else None
+        rows = [comparison_row(sample, names, colors, self.min_side) for sample in samples]
+        captions = [str(sample["file_name"]) for sample in samples]
         for logger in loggers:
-            if payload:
-                logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
+            logger.log_image(key="val/predictions", images=rows, step=step, caption=captions)
 
     @staticmethod
     def _per_class_table(pl_module: LightningModule, meta: Any) -> Any:

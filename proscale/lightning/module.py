@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from proscale.lightning.ema import ModelEMA
 from proscale.structures import DatasetMeta
 from proscale.utils.logging_utils import get_logger
-from proscale.utils.visualize import denormalize
+from proscale.utils.visualize import comparison_sample
 
 log = get_logger(__name__)
 
@@ -92,7 +92,7 @@ class SegmentationModule(LightningModule):
             row stop the run with :class:`NonFiniteLossError`.
         freeze_batchnorm: keep BatchNorm layers in eval mode while training (running statistics frozen, like
             the original's FrozenBN ResNet; also makes per-process results independent of the batch split).
-        num_vis_samples: validation images kept (with predictions) for W&B overlays.
+        num_vis_samples: validation images kept (with ground truth and predictions) for the W&B images.
     """
 
     def __init__(
@@ -262,21 +262,11 @@ class SegmentationModule(LightningModule):
             self._keep_vis_samples(batch, predictions)
 
     def _keep_vis_samples(self, batch: dict, predictions: list[dict]) -> None:
+        isthing = list(self.meta.isthing) if self.meta is not None else None
         for index, prediction in enumerate(predictions):
             if len(self.vis_samples) >= self.num_vis_samples or "panoptic_seg" not in prediction:
                 return
-            h, w = batch["image_sizes"][index]
-            image = batch["images"][index, :, :h, :w][None]
-            image = nn.functional.interpolate(image, size=tuple(batch["orig_sizes"][index]), mode="bilinear")[0]
-            segment_ids, segments = prediction["panoptic_seg"]
-            self.vis_samples.append(
-                {
-                    "image": denormalize(image),
-                    "segment_ids": segment_ids.cpu().numpy(),
-                    "segments": segments,
-                    "file_name": batch["file_names"][index],
-                }
-            )
+            self.vis_samples.append(comparison_sample(batch, index, prediction, isthing))
 
     def _end_eval(self, stage: str) -> None:
         scalars: dict[str, float] = {}
