@@ -163,7 +163,6 @@ def test_latest_sweep_names_the_sweep_above_its_lanes(tmp_path):
     assert latest_sweep((str(tmp_path / "multiruns"),)) == sweep
 
 
-@pytest.mark.slow
 def test_tiny_ablation_end_to_end_in_two_lanes(tmp_path):
     """2 configurations x 2 steps on a 4-image dataset, in 2 lanes: one sweep folder with both jobs, the timing and
     the table with both ms/img columns."""

@@ -321,11 +321,16 @@ def to_markdown(
     at_run = f"@ {run_size}" if run_size else "@ run size"
     paper = "x".join(map(str, PAPER_SIZE))
     timed = bool(timing and timing.get("configs"))
+    timed_sizes: list[str] = []
     if timed:
         attach_timing(rows, timing)
+        timed_sizes = list(timing.get("sizes") or [run_size or "", paper])
+        if run_size in timed_sizes:  # the run size first, then the larger (paper) size
+            timed_sizes.remove(run_size)
+            timed_sizes.insert(0, run_size)
     columns = ["backbone", "model", *METRICS, "ΔPQ vs M2F [95 % CI]", f"enc. GFLOPs {at_run}"]
     columns += [f"total GFLOPs {at_run}", f"enc. GFLOPs @ {paper}", f"total GFLOPs @ {paper}", "params (M)"]
-    columns += [f"ms/img {at_run}", f"ms/img @ {paper}"] if timed else [f"ms/img {at_run} (per job)"]
+    columns += [f"ms/img @ {size}" for size in timed_sizes] if timed else [f"ms/img {at_run} (per job)"]
     columns += ["runs"]
     heading = f"# SMOKE RUN (numbers mean nothing) -- {title}" if smoke_run else f"# {title}"
     lines = [heading, ""]
@@ -343,7 +348,7 @@ def to_markdown(
         cells += [_gflops(r["encoder_gflops"]), _gflops(r["total_gflops"])]
         cells += [_gflops(r["paper_encoder_gflops"]), _gflops(r["paper_total_gflops"]), _fmt(r["params_m"])]
         if timed:
-            cells += [_fmt(_timed(r, r["run_size"]), 1), _fmt(_timed(r, paper), 1)]
+            cells += [_fmt(_timed(r, size), 1) for size in timed_sizes]
         else:
             cells += [_fmt(r["ms_per_img"], 1)]
         cells += [runs]
@@ -360,8 +365,8 @@ def to_markdown(
         else "ms/img measured by each job on its own (median of a few passes after a warm-up), while the sweep's "
         "other jobs may have been running: not comparable across rows.",
     ]
-    if timed and run_size:
-        notes = inversion_notes(rows, run_size, paper)
+    if timed and run_size and len(timed_sizes) > 1 and timed_sizes[0] == run_size:
+        notes = inversion_notes(rows, run_size, timed_sizes[1])
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
     failures = [r for r in rows if r["runs_failed"]]
