@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proscale.reporting.ablation import find_job_dirs, load_job, summarize, to_markdown, write_tables
+from proscale.reporting.ablation import find_job_dirs, load_job, summarize, to_csv, to_markdown, write_tables
 
 
 def make_job(root: Path, num: int, encoder: str, schedule, lpe: bool, seed: int, results: dict | None):
@@ -174,3 +174,99 @@ def test_plot_edge_cases(tmp_path, case):
     assert panel["points"] == (2 if case == "all_zero" else 1)
     if case == "single_run":
         assert high == pytest.approx(35.0 * 1.1)
+
+
+def timing_payload(ms: dict[tuple, tuple[float, float]]) -> dict:
+    """inference_timing.json by hand: {(backbone, encoder, schedule, lpe): (ms at 128x160, ms at 800x1088)}."""
+    return {
+        "threads": 1,
+        "cpu_cores": 2,
+        "warmup": 2,
+        "repeats": 10,
+        "sizes": ["128x160", "800x1088"],
+        "date_utc": "2026-12-03 12:00 UTC",
+        "load_average_before": [1.25, 1.5, 1.75],
+        "load_average_after": [1.0, 1.5, 1.75],
+        "configs": [
+            {"key": list(key), "label": "-", "source": "x.ckpt", "median_ms": {"128x160": a, "800x1088": b}}
+            for key, (a, b) in ms.items()
+        ],
+    }
+
+
+def _sized_sweep(tmp_path):
+    make_job(tmp_path, 0, "m2f", None, False, 0, ok(40.0))
+    make_job(tmp_path, 1, "proscale", [1, 1, 1], False, 0, ok(38.0))
+    make_job(tmp_path, 2, "proscale", [3, 3, 3], False, 0, ok(39.0))
+    for job in ("0", "1", "2"):
+        path = tmp_path / job / ".hydra" / "config.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        cfg["callbacks"] = {"compute_stats": {"image_size": [128, 160]}}
+        path.write_text(yaml.safe_dump(cfg))
+    return summarize([load_job(d) for d in find_job_dirs(tmp_path)], paper_size=False)
+
+
+def test_round_robin_timing_columns_note_and_inversion_sentence(tmp_path):
+    """(1,1,1): slower than M2F at 128x160 (30 vs 25 ms) but faster at 800x1088 (400 vs 900 ms): one generated
+    sentence. (3,3,3): slower at both sizes: no sentence."""
+    rows = _sized_sweep(tmp_path)
+    timing = timing_payload(
+        {
+            ("r18", "m2f", "-", False): (25.0, 900.0),
+            ("r18", "proscale", "(1,1,1)", False): (30.0, 400.0),
+            ("r18", "proscale", "(3,3,3)", False): (31.0, 950.0),
+        }
+    )
+    text = to_markdown(rows, "t", timing=timing)
+    assert "ms/img @ 128x160 | ms/img @ 800x1088 |" in text and "(per job)" not in text
+    assert "| 30.0 | 400.0 |" in text and "| 25.0 | 900.0 |" in text
+    assert "round-robin (warm-up 2, 10 rounds" in text and "1 torch thread(s) on a 2-core machine" in text
+    assert "load average (1, 5, 15 min) before timing 1.25, 1.50, 1.75" in text
+    inversions = [line for line in text.splitlines() if line.startswith("- ") and "slower than M2F" in line]
+    assert len(inversions) == 1 and inversions[0].startswith("- PRO-SCALE (1,1,1) (r18) is slower than M2F at 128x160")
+    assert "(30.0 vs 25.0 ms) but faster at 800x1088 (400.0 vs 900.0 ms)" in inversions[0]
+    csv_text = to_csv(rows)
+    assert "timed_ms_128x160" in csv_text.splitlines()[0]
+
+
+def test_without_timing_the_per_job_column_is_marked_not_comparable(tmp_path):
+    text = to_markdown(_sized_sweep(tmp_path), "t")
+    assert "ms/img @ 128x160 (per job)" in text and "not comparable" in text and "800x1088 |" in text
+
+
+def test_smoke_run_is_said_in_the_title_and_the_files(tmp_path):
+    make_job(tmp_path / "sweep", 0, "m2f", None, False, 0, ok(1.0))
+    path = tmp_path / "sweep" / "0" / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["ablation"] = {"smoke_run": True}
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "sweep" / "inference_timing.json").write_text(
+        json.dumps(timing_payload({("r18", "m2f", "-", False): (5.0, 50.0)}))
+    )
+    paths = write_tables(tmp_path / "sweep", paper_size=False)
+    text = paths["markdown"].read_text()
+    assert text.startswith("# SMOKE RUN (numbers mean nothing)") and "**SMOKE RUN**" in text
+    assert "round-robin" in text  # the sweep's inference_timing.json was read
+    plain = to_markdown(summarize([load_job(d) for d in find_job_dirs(tmp_path / "sweep")], paper_size=False), "t")
+    assert "SMOKE" not in plain
+
+
+def test_plot_marks_schedules_and_colours_lpe(tmp_path):
+    from proscale.reporting.ablation import LPE_STYLE, SCHEDULE_MARKERS, plot_pq_vs_gflops
+
+    for i, (encoder, schedule, lpe) in enumerate(
+        [("m2f", None, False), ("proscale", [1, 1, 1], False), ("proscale", [1, 1, 1], True), ("proscale", [3, 3, 3], True)]
+    ):
+        for seed in (0, 1):
+            make_job(tmp_path / "s", 2 * i + seed, encoder, schedule, lpe, seed, ok(30.0 + i + 2 * seed))
+    rows = summarize([load_job(d) for d in find_job_dirs(tmp_path / "s")], paper_size=False)
+    (panel,) = plot_pq_vs_gflops(rows, tmp_path / "p.png", smoke_run=True)
+    points = {(p["schedule"], p["lpe"]): p for p in panel["series"]}
+    assert len(points) == 4
+    assert points[("-", False)]["marker"] == SCHEDULE_MARKERS["-"] != points[("(1,1,1)", False)]["marker"]
+    assert points[("(1,1,1)", False)]["marker"] == points[("(1,1,1)", True)]["marker"]
+    assert points[("(1,1,1)", False)]["colour"] == LPE_STYLE[False][0] != points[("(1,1,1)", True)]["colour"]
+    # error bar = sample std of the two seeds (30 + i and 32 + i): sqrt(2)
+    assert points[("(3,3,3)", True)]["yerr"] == pytest.approx(math.sqrt(2.0))
+    assert points[("(3,3,3)", True)]["y"] == pytest.approx(34.0)
+    assert "encoder GFLOPs per image @ run size" in panel["xlabel"]

@@ -11,7 +11,8 @@ pre-training runs channels-last (faster convolutions on CPU and GPU); the saved 
 
 The checkpoint is cached under ``pretrain.cache_dir``, named by a hash of everything that determines it
 (backbone, data, this config, seed): a second run with the same settings reuses it. It is written atomically
-with a JSON sidecar (settings, final pixel accuracy, wall time). Validation images are never seen.
+with a JSON sidecar (settings, final pixel accuracy, wall time); a file lock makes a second process that needs the
+same backbone at the same time wait for it instead of training it twice. Validation images are never seen.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from proscale.lightning.optim import fused_adamw_supported
-from proscale.utils.io import atomic_torch_save, atomic_write_json
+from proscale.utils.io import atomic_torch_save, atomic_write_json, exclusive_lock
 from proscale.utils.logging_utils import get_logger
 
 log = get_logger(__name__)
@@ -131,10 +132,20 @@ class BackbonePretrainModule(L.LightningModule):
         params = list(self.parameters())
         fused = fused_adamw_supported(params) or None
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
+        # 5 % warm-up; at least 2 warm-up steps and 4 in all, or OneCycleLR divides by a zero-length phase (a
+        # 20-step smoke run failed with ZeroDivisionError); unchanged from 40 steps on
+        total = max(self.total_steps, 4)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.lr, total_steps=max(self.total_steps, 2), pct_start=0.05
+            optimizer, max_lr=self.lr, total_steps=total, pct_start=min(0.5, max(0.05, 2.0 / total))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def pretrain_seed(cfg: DictConfig) -> int | None:
+    """The pre-training's seed: ``pretrain.seed`` when set (an ablation's seeds then share one backbone, as the
+    paper's runs share one ImageNet checkpoint), else the run's ``seed``."""
+    chosen = cfg.pretrain.get("seed")
+    return cfg.get("seed") if chosen is None else int(chosen)
 
 
 def _cache_key(cfg: DictConfig) -> str:
@@ -146,9 +157,9 @@ def _cache_key(cfg: DictConfig) -> str:
         "pretrain": {
             k: v
             for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items()
-            if k not in ("cache_dir", "kind")
+            if k not in ("cache_dir", "kind", "seed")
         },
-        "seed": cfg.get("seed"),
+        "seed": pretrain_seed(cfg),
     }
     # do not change the weights
     for drop in ("pretrained", "allow_unsafe_load", "num_workers", "eval_batch_size", "cache_decoded"):
@@ -170,7 +181,8 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Return ``(checkpoint path, info)`` of the backbone pre-trained as ``cfg.pretrain`` says; trains it
     (in this process, on ``cfg.trainer.accelerator``) unless the cache already holds it.
 
-    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``class_balanced``, ``cache_dir``.
+    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``class_balanced``, ``cache_dir``, ``seed`` (null = the
+    run's seed).
     """
     settings = cfg.pretrain
     steps = int(settings.steps)
@@ -178,6 +190,13 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"pretrain.steps must be >= 1, got {settings.steps}")
     name = f"{cfg.model.backbone.get('model_name', cfg.model.backbone.get('name', 'backbone'))}-{_cache_key(cfg)}"
     path = Path(str(settings.cache_dir)) / f"{name}.pt"
+    # two processes needing the same backbone (parallel sweep lanes): the second waits, then reuses the first's
+    with exclusive_lock(path.with_suffix(".lock")):
+        return _pretrain_or_reuse(cfg, path, steps)
+
+
+def _pretrain_or_reuse(cfg: DictConfig, path: Path, steps: int) -> tuple[Path, dict[str, Any]]:
+    settings = cfg.pretrain
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
         info = json.loads(sidecar.read_text())
@@ -192,8 +211,9 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
             "or pass a checkpoint with model.backbone.pretrained=/path/to/file"
         )
     start = time.perf_counter()
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed = pretrain_seed(cfg)
+    if seed is not None:
+        L.seed_everything(seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     num_classes = datamodule.meta.num_classes
     backbone_cfg = OmegaConf.to_container(cfg.model.backbone, resolve=True)

@@ -1,7 +1,8 @@
 """Backbones: any timm network with four feature levels, as ``res2..res5`` NCHW maps at strides 4/8/16/32.
 
 ``BACKBONES`` names: ``"r50"`` (ResNet-50), ``"swin_t"`` (Swin-T: embed 96, depths 2-2-6-2, heads 3-6-12-24,
-window 7), ``"timm"`` (any timm model by ``model_name``). ``pretrained``: a local ImageNet file (detectron2 ``.pkl``,
+window 7), ``"timm"`` (any timm model by ``model_name``; this module also registers the CPU-scale Swin
+``swin_micro_patch4_window4`` with timm, see :func:`swin_micro_patch4_window4`). ``pretrained``: a local ImageNet file (detectron2 ``.pkl``,
 torchvision / timm ``.pth`` / ``.safetensors``, official Swin ``.pth``; layout found by content), ``true`` (timm's
 hub download) or ``none`` / null (random): :mod:`proscale.models.backbone_weights`.
 
@@ -25,6 +26,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
@@ -212,6 +214,30 @@ class TimmBackbone(nn.Module):
                 feature = self.output_norms[level](feature)
             out[name] = feature.permute(0, 3, 1, 2).contiguous()
         return out
+
+
+@register_model
+def swin_micro_patch4_window4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A Swin small enough for the CPU presets' 128x160 images, registered with timm under this name so that the
+    generic ``timm`` backbone takes it like any other model (``model.backbone.model_name=swin_micro_patch4_window4``).
+
+    Swin-T's architecture (timm ``swin_tiny_patch4_window7_224``) with embed 32, depths 1-1-2-1, heads 1-2-4-8 and
+    4x4 windows: at 128x160 the four stages are 32x40, 16x20, 8x10 and 4x5 tokens, so every stage has more than one
+    window. Any input size works (``strict_img_size=False``; windows padded first, as for ``swin_t``). There are no
+    ImageNet weights of this size: ``pretrained`` must stay false (the CPU presets pre-train it, ``pretrain=semantic``).
+    """
+    if pretrained:
+        raise ValueError("swin_micro_patch4_window4 has no ImageNet weights; use model.backbone.pretrained=none")
+    settings = {
+        "embed_dim": 32,
+        "depths": (1, 1, 2, 1),
+        "num_heads": (1, 2, 4, 8),
+        "window_size": 4,
+        "strict_img_size": False,
+        "always_partition": True,
+        **kwargs,
+    }
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **settings)
 
 
 @BACKBONES.register("r50")

@@ -45,6 +45,7 @@ class Job:
     costs: dict[str, float] = field(default_factory=dict)
     image_size: tuple[int, int] | None = None  # the size the run's GFLOPs and ms/img were measured at
     model_config: dict[str, Any] | None = None
+    smoke_run: bool = False  # the job's config says its numbers mean nothing (`ablation.smoke_run`)
 
     @property
     def label(self) -> str:
@@ -108,6 +109,7 @@ def load_job(job_dir: Path) -> Job:
         status="failed",
         image_size=_size(_dig(cfg, "callbacks.compute_stats.image_size")),
         model_config=_dig(cfg, "model"),
+        smoke_run=bool(_dig(cfg, "ablation.smoke_run", False)),
     )
     results_path = job_dir / "results.json"
     if not results_path.exists():
@@ -250,30 +252,123 @@ def _difference_cell(row: dict[str, Any]) -> str:
     return f"{row['dPQ']:+.2f} [{row['dPQ_low']:+.2f}, {row['dPQ_high']:+.2f}]"
 
 
-def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+def attach_timing(rows: list[dict[str, Any]], timing: dict[str, Any] | None) -> None:
+    """Copy the round-robin medians of ``timing`` (:mod:`proscale.reporting.inference_timing`) into the rows as
+    ``timed_ms`` ({size label: ms}); rows without a timed configuration get an empty dict."""
+    medians = {tuple(c["key"]): c["median_ms"] for c in (timing or {}).get("configs", [])}
+    for row in rows:
+        row["timed_ms"] = dict(medians.get((row["backbone"], row["encoder"], row["schedule"], row["lpe"]), {}))
+
+
+def _timed(row: dict[str, Any], label: str) -> float:
+    return float(row.get("timed_ms", {}).get(label, math.nan))
+
+
+def inversion_notes(rows: list[dict[str, Any]], run_label: str, paper_label: str) -> list[str]:
+    """One sentence per PRO-SCALE row that is slower than M2F (same backbone and LPE) at the run size but faster at
+    the paper's size: the saving in encoder work only shows once there are enough tokens."""
+    notes = []
+    for row in rows:
+        if row["encoder"] == "m2f":
+            continue
+        reference = next(
+            (
+                r
+                for r in rows
+                if r["encoder"] == "m2f" and r["backbone"] == row["backbone"] and r["lpe"] == row["lpe"]
+            ),
+            None,
+        )
+        if reference is None:
+            continue
+        mine_run, ref_run = _timed(row, run_label), _timed(reference, run_label)
+        mine_paper, ref_paper = _timed(row, paper_label), _timed(reference, paper_label)
+        if any(math.isnan(v) for v in (mine_run, ref_run, mine_paper, ref_paper)):
+            continue
+        if mine_run > ref_run and mine_paper < ref_paper:
+            notes.append(
+                f"{row['model']} ({row['backbone']}) is slower than {reference['model']} at {run_label} "
+                f"({mine_run:.1f} vs {ref_run:.1f} ms) but faster at {paper_label} ({mine_paper:.1f} vs "
+                f"{ref_paper:.1f} ms): at {run_label} the encoder has few tokens, so the fixed cost of each call "
+                "(kernel launches, Python, the extra LPE / per-scale modules) outweighs the FLOPs it saves; the saving "
+                f"shows at {paper_label}."
+            )
+    return notes
+
+
+def _timing_note(timing: dict[str, Any]) -> str:
+    load = timing.get("load_average_before")
+    load_text = ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
+    after = timing.get("load_average_after")
+    after_text = ", ".join(f"{v:.2f}" for v in after) if after else "unknown"
+    return (
+        f"ms/img: measured after training, all configurations in one process, round-robin (warm-up {timing['warmup']}, "
+        f"{timing['repeats']} rounds, the starting configuration rotating), median per image; batch 1, model forward + "
+        f"inference at the input size, {timing['threads']} torch thread(s) on a {timing.get('cpu_cores', '?')}-core "
+        f"machine, {timing.get('date_utc', '')}. One model per row (the first finished seed's best checkpoint). The "
+        "sweep's training lanes had ended; other processes were not controlled: load average (1, 5, 15 min) before "
+        f"timing {load_text}, after {after_text} (a load above the thread count means the timings shared the cores)."
+    )
+
+
+def to_markdown(
+    rows: list[dict[str, Any]], title: str, timing: dict[str, Any] | None = None, smoke_run: bool = False
+) -> str:
+    """The table as markdown. ``timing`` (``inference_timing.json``) replaces the per-job ms/img column by the
+    round-robin medians at the run size and at the paper's size; ``smoke_run`` marks the whole table as one."""
     run_sizes = {r["run_size"] for r in rows}
     run_size = run_sizes.pop() if len(run_sizes) == 1 and "" not in run_sizes else None
     at_run = f"@ {run_size}" if run_size else "@ run size"
     paper = "x".join(map(str, PAPER_SIZE))
+    timed = bool(timing and timing.get("configs"))
+    timed_sizes: list[str] = []
+    if timed:
+        attach_timing(rows, timing)
+        timed_sizes = list(timing.get("sizes") or [run_size or "", paper])
+        if run_size in timed_sizes:  # the run size first, then the larger (paper) size
+            timed_sizes.remove(run_size)
+            timed_sizes.insert(0, run_size)
     columns = ["backbone", "model", *METRICS, "ΔPQ vs M2F [95 % CI]", f"enc. GFLOPs {at_run}"]
     columns += [f"total GFLOPs {at_run}", f"enc. GFLOPs @ {paper}", f"total GFLOPs @ {paper}", "params (M)"]
-    columns += [f"ms/img {at_run}", "runs"]
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    columns += [f"ms/img @ {size}" for size in timed_sizes] if timed else [f"ms/img {at_run} (per job)"]
+    columns += ["runs"]
+    heading = f"# SMOKE RUN (numbers mean nothing) -- {title}" if smoke_run else f"# {title}"
+    lines = [heading, ""]
+    if smoke_run:
+        lines += [
+            "**SMOKE RUN**: a few training steps on a tiny dataset, to check that the pipeline runs end to end. "
+            "Its PQ, differences and timings say nothing about the encoders.",
+            "",
+        ]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         runs = f"{r['runs_ok']} ok" + (f", {r['runs_failed']} failed" if r["runs_failed"] else "")
         model = r["model"] + (f" ({r['run_size']})" if not run_size and r["run_size"] else "")
         cells = [r["backbone"], model, *(_metric_cell(r, m) for m in METRICS), _difference_cell(r)]
         cells += [_gflops(r["encoder_gflops"]), _gflops(r["total_gflops"])]
         cells += [_gflops(r["paper_encoder_gflops"]), _gflops(r["paper_total_gflops"]), _fmt(r["params_m"])]
-        cells += [_fmt(r["ms_per_img"], 1), runs]
+        if timed:
+            cells += [_fmt(_timed(r, size), 1) for size in timed_sizes]
+        else:
+            cells += [_fmt(r["ms_per_img"], 1)]
+        cells += [runs]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Metrics on the 0-100 scale: mean ± sample std over the seeds that finished (a single run shows its value "
         "alone). ΔPQ: difference of mean PQ to M2F (same backbone, LPE off) with Welch's 95 % t interval. GFLOPs "
         "per image, one multiply-add = one FLOP (fvcore convention), inference post-processing included; params "
-        "in millions; ms/img measured by each job on its own machine (median of a few passes after a warm-up).",
+        "in millions.",
+        "",
+        _timing_note(timing)
+        if timed
+        else "ms/img measured by each job on its own (median of a few passes after a warm-up), while the sweep's "
+        "other jobs may have been running: not comparable across rows.",
     ]
+    if timed and run_size and len(timed_sizes) > 1 and timed_sizes[0] == run_size:
+        notes = inversion_notes(rows, run_size, timed_sizes[1])
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
     failures = [r for r in rows if r["runs_failed"]]
     if failures:
         lines += ["", "## Failed jobs", ""] + [f"- {r['model']} ({r['backbone']}): {r['errors']}" for r in failures]
@@ -282,11 +377,19 @@ def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
+    rows = [_flat_timing(r) for r in rows]
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _flat_timing(row: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in row.items() if k != "timed_ms"}
+    for label, value in (row.get("timed_ms") or {}).items():
+        flat[f"timed_ms_{label}"] = value
+    return flat
 
 
 SCHEDULE_MARKERS = {"-": "o", "(1,1,1)": "s", "(2,2,2)": "^", "(3,3,3)": "D"}
@@ -303,11 +406,12 @@ def _plotted_x(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "encoder_gflops", f"encoder GFLOPs per image @ {size}"
 
 
-def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path, smoke_run: bool = False) -> list[dict[str, Any]]:
     """PQ (mean, error bar ± 1 std over seeds) against encoder GFLOPs: one marker per schedule, LPE off / on as
     two colours, one panel per backbone. Without a finished run the figure says so instead of empty axes.
 
-    Returns what each panel shows (``backbone``, ``points``, ``ylim``, ``xlabel``, ``message``), for tests."""
+    Returns what each panel shows (``backbone``, ``points``, ``ylim``, ``xlabel``, ``message``, and ``series``: per
+    point its schedule, LPE, colour, marker, x, y and error bar), for tests."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,8 +440,12 @@ def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> list[dict[str, 
             )
             ax.set_axis_off()
             continue
+        series = []
         for r in mine:
             colour, _ = LPE_STYLE[bool(r["lpe"])]
+            series.append({"schedule": r["schedule"], "lpe": bool(r["lpe"]), "colour": colour,
+                           "marker": SCHEDULE_MARKERS.get(r["schedule"], "P"), "x": r[x_key], "y": r["PQ_mean"],
+                           "yerr": None if math.isnan(r["PQ_std"]) else r["PQ_std"]})
             std = r["PQ_std"]
             ax.errorbar(
                 r[x_key],
@@ -382,8 +490,11 @@ def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> list[dict[str, 
                 "ylim": ax.get_ylim(),
                 "xlabel": ax.get_xlabel(),
                 "message": None,
+                "series": series,
             }
         )
+    if smoke_run:
+        fig.suptitle("SMOKE RUN: these numbers mean nothing", color="C3", fontsize=11, fontweight="bold")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -393,14 +504,20 @@ def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path) -> list[dict[str, 
 
 
 def write_tables(multirun_dir: Path, out_dir: Path | None = None, paper_size: bool = True) -> dict[str, Path]:
-    """Write ablation.md / ablation.csv / pq_vs_gflops.png into ``out_dir`` (default: the multirun dir)."""
+    """Write ablation.md / ablation.csv / pq_vs_gflops.png into ``out_dir`` (default: the multirun dir), with the
+    round-robin timings of ``inference_timing.json`` when the sweep folder has one."""
+    from proscale.reporting.inference_timing import read_timing
+
     multirun_dir = Path(multirun_dir)
     out_dir = Path(out_dir) if out_dir else multirun_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [load_job(d) for d in find_job_dirs(multirun_dir)]
     rows = summarize(jobs, paper_size=paper_size)
+    smoke = any(j.smoke_run for j in jobs)
+    timing = read_timing(multirun_dir)
     paths = {"markdown": out_dir / "ablation.md", "csv": out_dir / "ablation.csv", "plot": out_dir / "pq_vs_gflops.png"}
-    atomic_write_text(paths["markdown"], to_markdown(rows, f"Ablation: {multirun_dir}"))
+    text = to_markdown(rows, f"Ablation: {multirun_dir}", timing=timing, smoke_run=smoke)
+    atomic_write_text(paths["markdown"], text)
     atomic_write_text(paths["csv"], to_csv(rows))
-    plot_pq_vs_gflops(rows, paths["plot"])
+    plot_pq_vs_gflops(rows, paths["plot"], smoke_run=smoke)
     return paths

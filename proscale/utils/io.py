@@ -4,13 +4,15 @@ Every writer goes through the same pattern: write a temporary file in the destin
 system, so the rename cannot cross devices), flush and ``fsync`` it, then ``os.replace`` it over the
 destination, which POSIX guarantees to be atomic. A SIGKILL before the rename leaves the old file intact and
 at most a ``.<name>.tmp-<pid>`` leftover, which :func:`remove_stale_temporaries` cleans up.
+:func:`exclusive_lock` serialises processes that would produce the same file (e.g. a cached pre-training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,3 +102,19 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return str(value)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if missing) while the block runs: a second process asking for the
+    same lock waits until the first leaves its block (POSIX ``flock``; released by the OS if the holder dies)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
