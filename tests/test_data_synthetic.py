@@ -51,7 +51,8 @@ def test_meta_has_shape_things_and_texture_stuff():
 
 
 def test_content_meets_the_spec():
-    """Over 60 images: every class appears, several instances per image, 8 px .. half-image objects, occlusion."""
+    """Over 60 images: every class appears, 2-4 instances per image, objects from 24 px to 0.6 x the short side
+    (sizes are diameters; a rotated or occluded shape can span less), occlusion."""
     cfg = SyntheticConfig(height=128, width=160)
     classes, per_image, sides, visible_fraction = set(), [], [], []
     for index in range(60):
@@ -66,8 +67,9 @@ def test_content_meets_the_spec():
             sides.append(max(np.ptp(rows) + 1, np.ptp(cols) + 1))
             visible_fraction.append(len(rows) / seg["drawn_area"])
     assert classes == set(range(1, 11))
-    assert min(per_image) >= 1 and np.mean(per_image) >= 3
-    assert min(sides) <= 12 and max(sides) >= 50  # from ~8 px to about half the 128 px short side
+    assert min(per_image) >= 2 and max(per_image) <= 4 and np.mean(per_image) >= 2.5
+    assert min(sides) <= 30 and max(sides) >= 70  # from ~24 px to 0.6 x the 128 px short side (77 px)
+    assert min(sides) >= 12
     assert min(visible_fraction) >= 0.5  # occluded, but never more than half hidden
     assert sum(f < 1 for f in visible_fraction) >= 10  # occlusion does happen
 
@@ -208,3 +210,26 @@ def test_cache_decoded_gives_the_same_items_without_rereading_files(tmp_path):
         assert torch.equal(item["labels"], expected[i]["labels"])
         assert torch.equal(item["gt"]["panoptic"], expected[i]["gt"]["panoptic"])
         assert item["gt"]["panoptic"].dtype == expected[i]["gt"]["panoptic"].dtype == torch.int64  # cache holds int32
+
+
+def test_thing_fills_choose_how_instances_are_filled():
+    """``thing_fills=("solid",)``: every instance is one colour plus mild noise; the default mix also draws
+    gradients and stripes (a much larger spread inside some instances); an unknown fill is refused by name."""
+
+    def spreads(cfg: SyntheticConfig) -> list[float]:
+        out = []
+        for index in range(20):
+            image, ids, segments = render_image(cfg, np.random.default_rng([0, 0, index]))
+            for seg in segments:
+                if seg["category_id"] <= 6:
+                    mask = ids == seg["id"]
+                    if mask.sum() >= 100:
+                        out.append(float(image[mask].astype(np.float32).std(axis=0).max()))
+        return out
+
+    solid = spreads(SyntheticConfig(thing_fills=("solid",)))
+    mixed = spreads(SyntheticConfig(thing_fills=("solid", "gradient", "stripes")))
+    assert len(solid) >= 10 and max(solid) < 12  # noise sigma 6 (+ JPEG-free rendering, clipping)
+    assert max(mixed) > 15
+    with pytest.raises(ValueError, match="thing_fills"):
+        SyntheticConfig(thing_fills=("plaid",))

@@ -77,19 +77,19 @@ def synthetic_meta() -> DatasetMeta:
 class SyntheticConfig:
     """Generator parameters (all stored in ``synthetic.json``; any change regenerates)."""
 
-    num_train: int = 4560
+    num_train: int = 4800
     num_val: int = 60
     height: int = 128
     width: int = 160
     min_objects: int = 2
-    max_objects: int = 6
-    min_object_size: int = 8
-    max_object_fraction: float = 0.5
+    max_objects: int = 4
+    min_object_size: int = 24
+    max_object_fraction: float = 0.6
     max_stuff_regions: int = 3
     seed: int = 0
     jpeg_quality: int = 92
     # how thing instances are filled, drawn with the weights of THING_FILLS among those listed
-    thing_fills: tuple[str, ...] = ("solid", "gradient", "stripes")
+    thing_fills: tuple[str, ...] = ("solid",)
 
     def __post_init__(self) -> None:
         if self.num_train < 1 or self.num_val < 1:

@@ -42,17 +42,17 @@ class SyntheticDataModule(PanopticDataModule):
     def __init__(
         self,
         root: str | Path = "data/synthetic",
-        num_train: int = 4560,
+        num_train: int = 4800,
         num_val: int = 60,
         height: int = 128,
         width: int = 160,
         seed: int = 0,
         min_objects: int = 2,
-        max_objects: int = 6,
-        min_object_size: int = 8,
-        max_object_fraction: float = 0.5,
+        max_objects: int = 4,
+        min_object_size: int = 24,
+        max_object_fraction: float = 0.6,
         max_stuff_regions: int = 3,
-        thing_fills: Sequence[str] = ("solid", "gradient", "stripes"),
+        thing_fills: Sequence[str] = ("solid",),
         **kwargs: Any,
     ) -> None:
         self.generator_config = SyntheticConfig(
