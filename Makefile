@@ -60,7 +60,7 @@ ablation-quick: $(STAMP)
 flops-table: $(STAMP)
 	$(PY) scripts/flops.py --table $(ARGS)
 
-## Speed report (issue 6): op vs HF, pixel decoders, PRO-SCALE vs M2F, GEMM fraction, training step.
+## Speed report: op vs HF, pixel decoders, PRO-SCALE vs M2F, GEMM fraction, training step.
 ## `make bench ARGS=--quick` (< 1 min idle); on a CPU shared with other jobs use ARGS="--threads 1 --clock cpu".
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --out benchmarks/RESULTS.md --json benchmarks/results.json $(ARGS)

@@ -101,19 +101,19 @@ def _hydra_app(config_name: str, task_path: str, exit_status: Callable[[dict], i
 
 
 def train_main() -> None:
-    _hydra_app("train", "proscale.train:train")()
+    _hydra_app("train", "proscale.tasks.train:train")()
 
 
 def eval_main() -> None:
-    _hydra_app("eval", "proscale.evaluate:evaluate")()
+    _hydra_app("eval", "proscale.tasks.eval:evaluate")()
 
 
 def predict_main() -> None:
-    _hydra_app("predict", "proscale.predict:predict", _predict_exit_status)()
+    _hydra_app("predict", "proscale.tasks.predict:predict", _predict_exit_status)()
 
 
 def _predict_exit_status(metrics: dict) -> int:
-    from proscale.predict import EXIT_SOME_FAILED
+    from proscale.tasks.predict import EXIT_SOME_FAILED
 
     return EXIT_SOME_FAILED if metrics.get("failed") else 0
 

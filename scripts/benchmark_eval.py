@@ -5,7 +5,7 @@
     python scripts/benchmark_eval.py                      # 5,000 images, torchmetrics on 10 of them
     python scripts/benchmark_eval.py --num-images 500 --torchmetrics-images 20 --json out.json
 
-The pairs come from ``proscale.metrics.testing.random_pair`` with COCO's class count (80 things + 53 stuff), up
+The pairs come from ``proscale.testing.metrics.random_pair`` with COCO's class count (80 things + 53 stuff), up
 to 15 things per image and settings under which both definitions coincide (no crowd, predictions cover every
 pixel, one segment per stuff class), so the two PQs printed at the end must agree. Generating 480x640 pairs costs
 more than scoring them, so ``--pool`` distinct pairs are generated once and cycled (``--pool 0``: a fresh pair
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from proscale.metrics.panoptic import PanopticQualityEvaluator  # noqa: E402
-from proscale.metrics.testing import PairConfig, random_pair  # noqa: E402
-from proscale.structures import DatasetMeta  # noqa: E402
+from proscale.metrics.panoptic import PanopticQualityEvaluator
+from proscale.structures import DatasetMeta
+from proscale.testing.metrics import PairConfig, random_pair
+from proscale.utils.io import atomic_write_text
 
 COCO_LIKE = DatasetMeta(
     class_names=[f"class{k}" for k in range(133)],
@@ -147,7 +146,7 @@ def main() -> int:
         "PQ_subset_torchmetrics": tm_pq[0],
     }
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     agree = abs(tm_pq[0] - ours_sub["PQ"]) < 1e-4
     print("PQ agreement on the subset:", "yes" if agree else "NO")
     return 0 if agree else 1

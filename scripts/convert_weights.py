@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from proscale.convert.io import write_state_dict  # noqa: E402
-from proscale.weights import FORMATS, LoadedWeights, read_weights  # noqa: E402
-from proscale.weights.architecture import M2F_ENCODER, PROSCALE_ENCODER  # noqa: E402
-from proscale.weights.formats import METADATA_PREFIX  # noqa: E402
+from proscale.convert.io import write_state_dict
+from proscale.utils.io import atomic_save_safetensors
+from proscale.weights import FORMATS, LoadedWeights, read_weights
+from proscale.weights.formats import METADATA_PREFIX
 
 # --format names: the content-detected names, plus "proscale" for the official PRO-SCALE release
 FORMAT_ALIASES = {"proscale": "proscale_official", **{name: name for name in FORMATS}}
-ENCODER_GROUPS = {M2F_ENCODER: "m2f", PROSCALE_ENCODER: "proscale"}
 
 
 def _override_value(value: object) -> str:
@@ -50,8 +45,8 @@ def hydra_overrides(derived: dict) -> list[str]:
     """Derived overrides as command-line overrides (``model/encoder=proscale model.encoder.schedule=[3,3,3] ...``)."""
     out = []
     for key, value in derived.items():
-        if key == "encoder._target_":
-            out.append(f"model/encoder={ENCODER_GROUPS.get(value, value)}")
+        if key == "encoder.name":
+            out.append(f"model/encoder={value}")
         elif key == "backbone.name":
             out.append(f"model/backbone={value}")
         else:
@@ -63,24 +58,13 @@ def write_converted(loaded: LoadedWeights, out: Path) -> Path:
     """``.safetensors`` with the model config / derived overrides in its header, or a plain ``torch.save``."""
     if out.suffix.lower() != ".safetensors":
         return write_state_dict(loaded.state_dict, out)
-    from safetensors.torch import save_file
-
     metadata = {METADATA_PREFIX + "source_format": loaded.format}
     for field in ("model_config", "derived_overrides", "meta", "inference", "test_transforms"):
         value = getattr(loaded, field)
         if value:
             metadata[METADATA_PREFIX + field] = json.dumps(value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.state_dict.items()}
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.state_dict.items()}
+    return atomic_save_safetensors(out, tensors, metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

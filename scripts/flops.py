@@ -4,7 +4,7 @@ One model (Hydra overrides of ``conf/train.yaml``, like ``scripts/train.py``)::
 
     python scripts/flops.py model/backbone=r50 model/encoder=proscale model.encoder.schedule=[1,1,1] model.lpe=true
 
-The full table of issue 3 (``make flops-table``): M2F, RT-M2F, Lite-M2F, PRO-SCALE (1,1,1) (2,2,2) (3,3,3)
+The full compute table (``make flops-table``): M2F, RT-M2F, Lite-M2F, PRO-SCALE (1,1,1) (2,2,2) (3,3,3)
 (3,1,1) (1,3,1) (1,1,3), each with LPE off/on, for R50 and Swin-T, 133 classes; writes ``flops_table.csv``,
 ``flops_table.md`` and ``compute_distribution.png`` under ``--out`` and prints the paper's four numbers::
 
@@ -25,18 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from proscale.analysis.flop_report import (  # noqa: E402
+from proscale.analysis.flop_report import (
     csv_text,
     markdown_table,
     paper_numbers_markdown,
     paper_numbers_text,
-    write_atomic,
 )
-from proscale.analysis.flop_table import (  # noqa: E402
-    BACKBONES,
+from proscale.analysis.flop_table import (
     NUM_CLASSES,
+    PAPER_BACKBONES,
     VARIANTS,
     SizeProtocol,
     build_model,
@@ -44,7 +41,8 @@ from proscale.analysis.flop_table import (  # noqa: E402
     table_rows,
     variants_by_key,
 )
-from proscale.analysis.flops import PART_KEYS, count_params  # noqa: E402
+from proscale.analysis.flops import PART_KEYS, count_params
+from proscale.utils.io import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path("outputs/flops")
 
@@ -62,12 +60,12 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml (single-model mode)")
-    parser.add_argument("--table", action="store_true", help="the full table of issue 3 (+ CSV, markdown, PNG)")
+    parser.add_argument("--table", action="store_true", help="the full compute table (+ CSV, markdown, PNG)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=(800, 1088))
     parser.add_argument("--orig-size", type=int, nargs=2, metavar=("H", "W"), default=(480, 640))
     parser.add_argument("--average-sizes", type=parse_size, nargs="+", metavar="HxW", help="mean over these")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="+", default=list(PAPER_BACKBONES), choices=list(PAPER_BACKBONES))
     parser.add_argument("--models", nargs="+", default=[v.key for v in VARIANTS], help="table rows (keys)")
     parser.add_argument("--lpe", nargs="+", default=["off", "on"], choices=["off", "on"], help="LPE settings")
     parser.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes in --table mode")
@@ -130,12 +128,12 @@ def run_table(args: argparse.Namespace) -> int:
     from proscale.analysis.plots import compute_distribution_png
 
     paths = [
-        write_atomic(args.out / "flops_table.csv", csv_text(rows)),
-        write_atomic(args.out / "flops_table.md", markdown),
-        write_atomic(args.out / "compute_distribution.png", compute_distribution_png(rows, sizes.describe())),
+        atomic_write_text(args.out / "flops_table.csv", csv_text(rows)),
+        atomic_write_text(args.out / "flops_table.md", markdown),
+        atomic_write_bytes(args.out / "compute_distribution.png", compute_distribution_png(rows, sizes.describe())),
     ]
     if comparison:
-        paths.append(write_atomic(args.out / "paper_numbers.csv", csv_text(comparison)))
+        paths.append(atomic_write_text(args.out / "paper_numbers.csv", csv_text(comparison)))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -164,8 +162,8 @@ def run_single(args: argparse.Namespace) -> int:
     table = markdown_table(rows, columns)
     print(title + table)
     paths = [
-        write_atomic(args.out / "model_flops.csv", csv_text(rows)),
-        write_atomic(args.out / "model_flops.md", title + table),
+        atomic_write_text(args.out / "model_flops.csv", csv_text(rows)),
+        atomic_write_text(args.out / "model_flops.md", title + table),
     ]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

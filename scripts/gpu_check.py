@@ -34,7 +34,11 @@ from typing import Any
 
 import torch
 
+# the one script that runs from a bare copy of the checkout (a lent GPU machine may have torch but not this
+# package installed): the other scripts import the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proscale.utils.io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_TOL = 1e-4
@@ -131,8 +135,8 @@ def check_precision(report: dict, device: torch.device) -> None:
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     """One NCCL rank: batch 1 (image ``rank`` of the global batch), one forward + loss + backward under DDP."""
     from proscale.analysis.train_options import synthetic_targets
-    from proscale.lightning.testing import same_points_rand
     from proscale.models.criterion import SetCriterion
+    from proscale.testing.callbacks import same_points_rand
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -162,8 +166,8 @@ def check_ddp(report: dict) -> None:
     import torch.multiprocessing as mp
 
     from proscale.analysis.train_options import synthetic_targets
-    from proscale.lightning.testing import same_points_rand
     from proscale.models.criterion import SetCriterion
+    from proscale.testing.callbacks import same_points_rand
 
     world = min(2, torch.cuda.device_count())
     with socket.socket() as probe:
@@ -337,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
     report["wall_time_s"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "gpu_check.md").write_text(markdown(report))
+    atomic_write_text(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(args.out / "gpu_check.md", markdown(report))
     log(f"wrote {args.out / 'gpu_check.md'} and gpu_check.json ({report['wall_time_s']:.0f} s)")
     return 0 if not cuda or not report["errors"] else 1
 

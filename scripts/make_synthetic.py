@@ -12,14 +12,11 @@ first use, so running this is optional.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from proscale.data.synthetic import SyntheticConfig, ensure_synthetic, is_current  # noqa: E402
+from proscale.data.synthetic import SyntheticConfig, ensure_synthetic, is_current
 
 
 def main(argv: list[str] | None = None) -> int:

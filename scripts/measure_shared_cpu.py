@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step time of training runs side by side on a shared CPU vs alone, per thread setting (issue 15).
+"""Step time of training runs side by side on a shared CPU vs alone, per thread setting.
 
 For each setting: one training process alone, then two identical ones started together; each reports the median
 time of its training steps (warm-up steps excluded), and the table gives the ratio "side by side / alone" per run.
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
+
+from proscale.utils.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(rows)
     print(f"\n{table}\n(command: {' '.join(['python', 'scripts/measure_shared_cpu.py', *(argv or sys.argv[1:])])})")
     if args.out:
-        args.out.write_text(table + "\n")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, table + "\n")
+    atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     return 0
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from proscale.utils.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = """\
 # Exact versions CI installs and tests (`make install`: pip install -c constraints.txt -e '.[dev]').
 # pyproject.toml holds the ranges a user's install may take; torch and torchvision are pinned together here
-# (see the README's install section). Regenerate after changing dependencies:
+# (see docs/install.md). Regenerate after changing dependencies:
 #   .venv/bin/python scripts/update_constraints.py
 """
 
@@ -81,7 +83,7 @@ def main() -> None:
             raise SystemExit(f"{args.output} differs from the installed versions: run scripts/update_constraints.py")
         print(f"{args.output}: up to date")
         return
-    args.output.write_text(text)
+    atomic_write_text(args.output, text)
     print(f"wrote {args.output} ({len(text.splitlines()) - HEADER.count(chr(10))} packages)")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from proscale.lightning.backbone_pretrain import IGNORE_INDEX, BackbonePretrainModule, pretrain_backbone, semantic_map
 from proscale.models.backbones import TimmBackbone
-from proscale.train import train
+from proscale.tasks.train import train
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.results import read_results
 
@@ -137,7 +137,7 @@ def test_pretraining_data_is_freed_when_it_returns(tmp_path):
 def test_pretrain_none_under_a_preset_that_tweaks_the_steps_runs_nothing(tmp_path):
     """cpu_synthetic sets `pretrain.steps`; with `pretrain=none` that tweak is all the node holds: no pre-training
     (it used to start one and fail on the missing cache folder)."""
-    from proscale.train import maybe_pretrain_backbone
+    from proscale.tasks.run import maybe_pretrain_backbone
     from proscale.utils.hydra_utils import compose_config
 
     cfg = compose_config("train", ["experiment=cpu_synthetic", "pretrain=none"], output_dir=tmp_path)

@@ -342,7 +342,7 @@ def test_cpu_presets_start_as_before(experiment, tmp_path):
 
 def test_train_refuses_before_reading_any_data(tmp_path):
     """The data folder does not exist: the refusal must come first, not a missing-data error."""
-    from proscale.train import train
+    from proscale.tasks.train import train
 
     cfg = _compose("coco_r50_proscale", tmp_path, "trainer=cpu", "num_threads=1")
     with pytest.raises(ValueError, match="model.backbone.pretrained=none"):

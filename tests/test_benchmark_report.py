@@ -1,22 +1,16 @@
-"""The benchmark's per-part report (scripts/benchmark.py): the arithmetic that says what the (3,3,3) ratio target
+"""The benchmark's per-part report (proscale/analysis/benchmark_report.py, written by scripts/benchmark.py): the arithmetic that says what the (3,3,3) ratio target
 needs, checked on hand-made timings (the benchmark itself is too slow for the suite and is not a timed test)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("proscale_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from proscale.analysis import benchmark_report
+
+    return benchmark_report
 
 
 def parts(proj_m, enc_m, tail_m, proj_p, enc_p, tail_p):

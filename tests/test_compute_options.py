@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 import proscale.models.compute_options as compute_options
 from proscale.models.compute_options import CompiledParts, check_compiler, parse_parts
 from proscale.models.encoders.base import DeformableEncoderLayer
-from proscale.train import train
+from proscale.tasks.train import train
 from proscale.utils.hydra_utils import compose_config
 
 

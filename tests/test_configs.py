@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 
 from proscale.cli import CONFIG_DIR
 from proscale.lightning.optim import WarmupSchedule
+from proscale.models import BACKBONES
+from proscale.models.encoders import ENCODERS
 from proscale.utils.config_check import config_problems
 from proscale.utils.hydra_utils import compose_config
 
@@ -45,8 +47,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
         model = hydra.utils.instantiate(cfg.model, num_classes=meta.num_classes)
     assert model.num_classes == meta.num_classes
     assert model.transformer_decoder is not None and model.pixel_decoder.encoder is not None
-    encoder_choice = OmegaConf.select(cfg, "model.encoder._target_")
-    if encoder_choice.endswith("ProScaleEncoder"):
+    if OmegaConf.select(cfg, "model.encoder.name") == "proscale":
         assert len(model.pixel_decoder.encoder.layers) == sum(cfg.model.encoder.schedule)
     # The module's partial parts build with the dataset's classes.
     module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
@@ -71,8 +72,8 @@ def test_trainer_configs_compose(trainer, tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected_choices"),
     [
-        ("model/encoder=nope", ["m2f", "proscale", "rt_m2f", "lite_m2f"]),
-        ("model/backbone=nope", ["r50", "swin_t", "timm"]),
+        ("model/encoder=nope", ENCODERS.names()),
+        ("model/backbone=nope", BACKBONES.names()),
         ("trainer=nope", ["cpu", "ddp", "ddp_sim", "gpu"]),
         ("experiment=nope", ["cpu_synthetic", "tiny"]),
         ("logger=nope", ["csv", "wandb", "tensorboard"]),
@@ -93,7 +94,7 @@ def test_unknown_schedule_kind_lists_valid_choices():
 
 
 def test_eval_requires_weights(tmp_path):
-    from proscale.stored_run import weights_path
+    from proscale.tasks.stored_run import weights_path
 
     cfg = compose_config("eval", [], output_dir=tmp_path)
     with pytest.raises(ValueError, match="needs weights: pass weights="):
@@ -125,7 +126,7 @@ def test_ablation_preset_sweeps_schedules_and_lpe(tmp_path):
         job = compose_config("train", ["experiment=cpu_ablation", f"variant={variant}"], output_dir=tmp_path)
         assert job.model.conv_dim == 64 and job.model.backbone.model_name == "regnetx_002"
         assert OmegaConf.select(job, "model.encoder.schedule") == schedule
-        assert job.model.encoder._target_.endswith("M2FEncoder" if schedule is None else "ProScaleEncoder")
+        assert job.model.encoder.name == ("m2f" if schedule is None else "proscale")
     # every job validates exactly at its last step, whatever `steps` is (test_train checks the behaviour)
     for steps in (5, 300):
         job = compose_config("train", ["experiment=cpu_ablation", f"steps={steps}"], output_dir=tmp_path)

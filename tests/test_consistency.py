@@ -2,14 +2,13 @@
 
 A short synthetic run with EMA on (easy data: 32x32 images, one object on one background region, so 16 steps
 score PQ > 0) is scored three ways that must agree: the run's own test, ``eval`` from the checkpoint, and
-``predict`` on the validation images + the offline scorer ``scripts/evaluate.py``. The run is scored with
+``predict`` on the validation images + the offline scorer ``scripts/score_coco.py``. The run is scored with
 ``object_mask_threshold=0.1``, which eval and predict must take from the checkpoint (their configured defaults
 are 0.8 and would find nothing).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,13 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from proscale.cli import REPO_ROOT
 from proscale.data.image_io import read_panoptic_png
-from proscale.evaluate import evaluate
 from proscale.lightning.module import SegmentationModule
 from proscale.models.inference import Mask2FormerInference
-from proscale.predict import EXIT_SOME_FAILED, predict
-from proscale.train import train
+from proscale.tasks.eval import evaluate
+from proscale.tasks.predict import EXIT_SOME_FAILED, predict
+from proscale.tasks.train import train
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.results import read_results
 from proscale.utils.safe_load import torch_load
@@ -55,10 +53,9 @@ RUN = [
 
 
 def _scorer():
-    spec = importlib.util.spec_from_file_location("offline_evaluate", REPO_ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from proscale.tasks import score_coco
+
+    return score_coco
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +265,8 @@ def test_predict_refuses_unknown_names_and_stored_classes_must_match_the_dataset
         predict(cfg)
     assert not (tmp_path / "pred").exists()
     # eval on a dataset with other classes: the tiny run's 10 classes vs a renamed one
-    from proscale.stored_run import check_meta_matches
     from proscale.structures import DatasetMeta
+    from proscale.tasks.stored_run import check_meta_matches
 
     loaded = read_weights(easy_run["best"])
     other = DatasetMeta(**{**loaded.meta, "class_names": ["disc", *loaded.meta["class_names"][1:]]})
@@ -279,7 +276,7 @@ def test_predict_refuses_unknown_names_and_stored_classes_must_match_the_dataset
 
 def test_stored_settings_replace_the_configured_ones_unless_given_on_the_command_line(tmp_path, capsys):
     """No training: a hand-made LoadedWeights and eval's composed config."""
-    from proscale.evaluate import apply_stored_settings
+    from proscale.tasks.eval import apply_stored_settings
     from proscale.weights import LoadedWeights
 
     stored_model = {"_target_": "proscale.models.Mask2Former", "num_classes": 10, "dec_layers": 2, "hidden_dim": 32}

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs the apps / launchers in subprocesses
+
 SCRIPT = """
 import resource, torch
 from proscale.utils.cpu_memory import retain_freed_memory

@@ -12,7 +12,7 @@ from PIL import Image
 from proscale.data.coco_instance import CocoInstanceDataset
 from proscale.data.coco_panoptic import CocoPanopticDataModule, CocoPanopticDataset
 from proscale.data.image_io import read_rgb_image
-from proscale.data.testing import write_coco_panoptic
+from proscale.testing.data import write_coco_panoptic
 
 CATEGORIES = [{"id": 1, "name": "thing", "isthing": 1}, {"id": 2, "name": "stuff", "isthing": 0}]
 

@@ -19,7 +19,7 @@ from proscale.data import (
     CocoInstanceDataModule,
 )
 from proscale.data.image_io import id_to_rgb
-from proscale.data.testing import write_coco_panoptic
+from proscale.testing.data import write_coco_panoptic
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 

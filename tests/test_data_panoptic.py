@@ -9,7 +9,7 @@ from PIL import Image
 
 from proscale.data.coco_panoptic import CocoPanopticDataModule, CocoPanopticDataset, PanopticDataModule
 from proscale.data.image_io import id_to_rgb, read_panoptic_png, rgb_to_id
-from proscale.data.testing import write_coco_panoptic
+from proscale.testing.data import write_coco_panoptic
 
 # Category ids with gaps, as in COCO: contiguous index 0 <- 1 (thing), 1 <- 3 (thing), 2 <- 149 (stuff).
 CATEGORIES = [

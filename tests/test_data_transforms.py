@@ -189,3 +189,36 @@ def test_ade20k_and_cityscapes_recipes_use_the_colour_distortion_and_coco_does_n
 
     assert any(isinstance(t, ColorAugSSD) for t in crop_recipe(512, 512, 2048))
     assert not any(isinstance(t, ColorAugSSD) for t in lsj_recipe())
+
+
+@pytest.mark.parametrize(
+    "data, family",
+    [
+        ("coco_panoptic", "CocoPanopticDataModule"),
+        ("coco_instance", "CocoInstanceDataModule"),
+        ("ade20k", "ADE20KSemanticDataModule"),
+        ("ade20k_panoptic", "ADE20KPanopticDataModule"),
+        ("cityscapes", "CityscapesPanopticDataModule"),
+    ],
+)
+def test_data_configs_build_the_recipe_defined_in_code(data, family, tmp_path):
+    """Each paper dataset's training recipe is defined once, in code (lsj_recipe / crop_recipe): the config leaves
+    train_transforms null instead of spelling the transforms out again, and the datamodule it builds trains with the
+    recipe, transform for transform. A preset's list (e.g. the tiny one's) still replaces it."""
+    import hydra
+
+    import proscale.data as data_package
+    from proscale.utils.hydra_utils import compose_config
+
+    cfg = compose_config("train", [f"data={data}"], output_dir=tmp_path)
+    assert cfg.data.train_transforms is None, "the recipe is spelled out again in the config"
+    built = hydra.utils.instantiate(cfg.data).train_transform.transforms
+    default = getattr(data_package, family).default_train_transforms(None)
+
+    def described(transforms):
+        return [
+            (type(t).__name__, {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(t).items()})
+            for t in transforms
+        ]
+
+    assert described(built) == described(default)

@@ -11,8 +11,8 @@ from PIL import Image
 from proscale.data.ade20k import ADE20KSemanticDataModule
 from proscale.data.coco_instance import CocoInstanceDataModule, CocoInstanceDataset
 from proscale.data.coco_panoptic import CocoPanopticDataset, PanopticDataModule
-from proscale.data.testing import write_coco_panoptic
 from proscale.data.validation import DataValidationError
+from proscale.testing.data import write_coco_panoptic
 
 CATEGORIES = [{"id": 1, "name": "thing", "isthing": 1}, {"id": 2, "name": "stuff", "isthing": 0}]
 

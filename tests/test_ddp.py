@@ -30,17 +30,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from proscale.train import train
+from proscale.tasks.train import train
+from proscale.testing.callbacks import same_points_rand
 from proscale.utils.hydra_utils import compose_config
 
 _real_rand = torch.rand
-
-
-def _same_points_rand(*size, generator=None, out=None, dtype=None, device=None, **kwargs):
-    """`torch.rand` whose value depends only on the last two dims: identical points for every mask and image."""
-    shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else tuple(size)
-    base = _real_rand(shape[-2:], generator=torch.Generator().manual_seed(1234))
-    return base.expand(shape).clone().to(device=device, dtype=dtype or torch.float32)
 
 
 class FirstStepCapture(Callback):
@@ -56,7 +50,7 @@ class FirstStepCapture(Callback):
         self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
 
     def setup(self, trainer, pl_module, stage) -> None:
-        torch.rand = _same_points_rand
+        torch.rand = same_points_rand
         self._mkldnn_was_enabled = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
 

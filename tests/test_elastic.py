@@ -14,8 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from launch_helpers import (
-    TINY,
+from helpers.launch import (
     TRAIN,
     assert_complete_files,
     child_env,
@@ -23,26 +22,18 @@ from launch_helpers import (
     global_step,
     python,
     run,
+    short_run,
     torchrun,
 )
 
-pytestmark = pytest.mark.slow  # training subprocesses: ~1-2 min each on an idle 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # training subprocesses: ~1-2 min each on an idle 2-core machine
 
 # 4 training images; 2 steps per epoch (global batch 2); 6 steps = 3 epochs; last.ckpt at the end of each epoch.
 STEPS = 6
 
 
 def _overrides(tmp: Path) -> list[str]:
-    return [
-        *TINY,
-        f"paths.log_dir={tmp / 'logs'}",
-        f"paths.data_dir={tmp / 'data'}",
-        "data.num_train=4",
-        "data.num_val=2",
-        f"steps={STEPS}",
-        "test=false",
-        "trainer.limit_val_batches=0",
-    ]
+    return short_run(tmp, num_train=4, steps=STEPS)
 
 
 def _results(run_dir: Path) -> list[Path]:
@@ -107,7 +98,7 @@ def test_slurm_requeue_signal_saves_checkpoint_and_requeued_job_resumes(tmp_path
         TRAIN,
         *_overrides(tmp_path),
         # SIGUSR1 at step 3 (SLURM's --signal=USR1@<s> before the time limit), then the time limit's SIGKILL
-        "+callbacks.requeue_signal._target_=proscale.lightning.testing.SendSignal",
+        "+callbacks.requeue_signal._target_=proscale.testing.callbacks.SendSignal",
         "+callbacks.requeue_signal.at_step=3",
         "+callbacks.time_limit._target_=proscale.lightning.callbacks.FaultInjection",
         "+callbacks.time_limit.kill_at_step=3",

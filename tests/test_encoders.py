@@ -284,6 +284,12 @@ def test_model_with_every_encoder_and_lpe(backbones, name, lpe):
     check_model(backbones("tiny"), name, lpe)
 
 
+@pytest.mark.parametrize("backbone", ["r50", "swin_t"])
+def test_model_with_the_paper_backbones(backbones, backbone):
+    """The paper's backbones with PRO-SCALE + LPE: the default suite's cheap version of the full matrix below."""
+    check_model(backbones(backbone), "proscale", True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lpe", [False, True], ids=["conv", "lpe"])
 @pytest.mark.parametrize("name", ENCODER_NAMES)
@@ -331,7 +337,7 @@ def test_hydra_unknown_encoder_lists_valid_choices():
 
     with pytest.raises(MissingConfigException) as info:
         compose_model(["model/encoder=nope"])
-    for name in ("m2f", "proscale", "rt_m2f", "lite_m2f"):
+    for name in ENCODERS.names():
         assert f"\t{name}\n" in str(info.value) + "\n"
 
 

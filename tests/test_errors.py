@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from proscale.data.testing import write_coco_panoptic
 from proscale.data.validation import DataValidationError
-from proscale.train import MetricsNotFiniteError, build_datamodule_and_module, train
+from proscale.tasks.run import build_datamodule_and_module
+from proscale.tasks.train import MetricsNotFiniteError, train
+from proscale.testing.data import write_coco_panoptic
 from proscale.utils.config_check import ConfigError, check_config, config_problems
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.results import read_results

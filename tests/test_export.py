@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers.export import META, build, model_config, relative_error, write_checkpoint
 
 from proscale.export import (
     DeployMetadata,
@@ -21,7 +22,6 @@ from proscale.export import (
 from proscale.export.graph import FinalOutputs
 from proscale.models.ops import MSDeformAttn
 from proscale.models.ops.inference_gate import fast_inference_allowed
-from tests.export_helpers import META, build, model_config, relative_error, write_checkpoint
 
 SIZE = (64, 96)
 TOLERANCE = 1e-4

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.export import build, model_config, relative_error
 
 from proscale.export import export_onnx, export_program
-from tests.export_helpers import build, model_config, relative_error
 
 SIZE = (64, 96)
 OTHER_SIZES = ((96, 64), (128, 160))

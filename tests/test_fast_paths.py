@@ -175,12 +175,26 @@ def test_pixel_decoder_inference_mode_and_frozen_weights_use_fast_path(monkeypat
     assert calls[0] == 3
 
 
-def test_pixel_decoder_gradients_unchanged_by_fast_path():
-    """Training (grad recording) still runs the modules: gradients flow to every tail parameter."""
+def test_pixel_decoder_gradients_unchanged_by_fast_path(monkeypatch):
+    """Training (grad recording) runs the modules, never the fast tail, and its gradients are the function's own:
+    every parameter's gradient equals that of a float64 copy (the same function) to fp32 rounding."""
     decoder = tiny_pixel_decoder("m2f", lpe=True).train()
-    decoder(features(batch=1, size=(64, 64))).mask_features.square().mean().backward()
+    reference = copy.deepcopy(decoder).double()
+    feats = features(batch=1, size=(64, 64))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the inference fast path ran while autograd was recording")
+
+    monkeypatch.setattr("proscale.models.pixel_decoder.fpn_tail", refuse)
+    decoder(feats).mask_features.square().mean().backward()
+    reference({k: v.double() for k, v in feats.items()}).mask_features.square().mean().backward()
+    named_reference = dict(reference.named_parameters())
     for name, param in decoder.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        expected = named_reference[name].grad
+        assert param.grad is not None and expected is not None, name
+        scale = float(expected.abs().max())
+        assert scale > 0, f"{name}: zero gradient, nothing compared"
+        assert float((param.grad.double() - expected).abs().max()) <= 1e-3 * scale + 1e-7, name
 
 
 # --- deformable attention and encoder layers -----------------------------------------------------------

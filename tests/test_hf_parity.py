@@ -22,8 +22,6 @@ from proscale.models import Mask2Former, build_backbone
 from proscale.models.encoders import M2FEncoder
 from proscale.structures import PIXEL_MEAN, PIXEL_STD
 
-transformers = pytest.importorskip("transformers")
-
 DIM, QUERIES, FFN, CLASSES, HEADS = 64, 10, 128, 7, 8
 TOL = 1e-4
 

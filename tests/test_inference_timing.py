@@ -50,7 +50,7 @@ def test_swin_micro_builds_through_timm_at_the_cpu_size_and_any_size():
 @pytest.mark.parametrize("backbone", ["resnet18", "swin_micro_patch4_window4"])
 def test_backbone_axis_trains_two_steps_at_128x160(tmp_path, backbone):
     """The overrides the ablation preset documents: the quick preset's model at 128x160 with another backbone."""
-    from proscale.train import train
+    from proscale.tasks.train import train
     from proscale.utils.hydra_utils import compose_config
 
     cfg = compose_config(

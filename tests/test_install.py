@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs the apps / launchers in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "proscale", "conf")
 TINY = ("experiment=tiny", "steps=2", "num_threads=1")

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.multiprocessing as mp
-from launch_helpers import TINY, TRAIN, free_port, run, torchrun
+from helpers.launch import TINY, TRAIN, free_port, run, torchrun
 from omegaconf import OmegaConf
 
 from proscale.lightning.distributed import (

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.loggers import WandbLogger
 
-from proscale.train import train
-from proscale.utils.hydra_utils import compose_config
+from proscale.tasks.train import train
 from proscale.utils.run_info import flatten
 
 
@@ -17,23 +16,10 @@ def test_flatten_keeps_lists_as_values():
     }
 
 
-def test_wandb_config_equals_the_instantiated_model(tmp_path, monkeypatch):
+def test_wandb_config_equals_the_instantiated_model(monkeypatch, tiny_wandb_cfg):
     """The tiny preset composes model.num_classes 133 from conf/model/mask2former.yaml (or null), while the model is
     built for the synthetic dataset's classes: W&B must log the built value, under a flat key."""
-    cfg = compose_config(
-        "train",
-        [
-            "experiment=tiny",
-            "steps=1",
-            "num_threads=1",
-            "logger=wandb",
-            "trainer.enable_progress_bar=false",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            "callbacks.compute_stats=null",
-        ],
-        output_dir=tmp_path / "run",
-    )
+    cfg = tiny_wandb_cfg(1)
     logged: dict = {}
     original = WandbLogger.log_hyperparams
 

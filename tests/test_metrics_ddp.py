@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from proscale.metrics import build_evaluators
 from proscale.metrics.export import InstanceExporter, PanopticExporter
-from proscale.metrics.testing import PairConfig, random_pair
 from proscale.structures import DatasetMeta
+from proscale.testing.metrics import PairConfig, random_pair
 
 META = DatasetMeta(
     class_names=["a", "b", "c", "sky", "grass"],

@@ -1,9 +1,8 @@
-"""Export -> ``scripts/evaluate.py`` round trip (PQ = AP = 100 for predictions built from the GT; offline scores
+"""Export -> ``scripts/score_coco.py`` round trip (PQ = AP = 100 for predictions built from the GT; offline scores
 equal the in-memory evaluators on imperfect predictions) and clear errors for bad files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from proscale.data.image_io import id_to_rgb, rgb_to_id
 from proscale.metrics import InstanceAPEvaluator, PanopticQualityEvaluator, SemanticSegEvaluator
-from proscale.metrics.export import InstanceExporter, PanopticExporter, id2rgb, rgb2id, write_json_atomic
-from proscale.metrics.testing import PairConfig, prediction_from_gt, random_pair
+from proscale.metrics.export import InstanceExporter, PanopticExporter
 from proscale.structures import DatasetMeta
+from proscale.testing.metrics import PairConfig, prediction_from_gt, random_pair
+from proscale.utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 META = DatasetMeta(
@@ -27,10 +28,9 @@ META = DatasetMeta(
 
 
 def load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from proscale.tasks import score_coco
+
+    return score_coco
 
 
 EVALUATE = load_evaluate_script()
@@ -43,7 +43,7 @@ def write_gt_dataset(root: Path, gts: list[dict], meta: DatasetMeta) -> tuple[Pa
     images, annotations = [], []
     for image_id, gt in enumerate(gts, start=100):
         name = f"{image_id:06d}.png"
-        Image.fromarray(id2rgb(gt["panoptic"].numpy())).save(gt_dir / name)
+        Image.fromarray(id_to_rgb(gt["panoptic"].numpy())).save(gt_dir / name)
         h, w = gt["panoptic"].shape
         images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "height": h, "width": w})
         segments = [
@@ -84,9 +84,9 @@ def make_split(n: int, seed: int, cfg: PairConfig | None = None) -> list[tuple[d
 
 def test_rgb_id_round_trip():
     ids = np.array([[0, 1, 255], [256, 65535, (1 << 24) - 1]])
-    np.testing.assert_array_equal(rgb2id(id2rgb(ids)), ids)
+    np.testing.assert_array_equal(rgb_to_id(id_to_rgb(ids)), ids)
     with pytest.raises(ValueError, match="2\\*\\*24"):
-        id2rgb(np.array([[1 << 24]]))
+        id_to_rgb(np.array([[1 << 24]]))
 
 
 def test_round_trip_of_predictions_built_from_gt_scores_100(tmp_path):
@@ -119,7 +119,7 @@ def test_round_trip_of_predictions_built_from_gt_scores_100(tmp_path):
     assert {c["id"] for c in written["categories"]} == set(META.category_ids)
     seg = written["annotations"][0]["segments_info"][0]
     assert seg["category_id"] in META.category_ids and seg["area"] > 0
-    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # atomic writes leave no temp files
 
 
 def test_offline_scores_equal_in_memory_evaluators(tmp_path):
@@ -201,7 +201,7 @@ def instance_error(files, capsys) -> str:
 def edit_json(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data)
-    write_json_atomic(path, data)
+    atomic_write_json(path, data, compact=True)
 
 
 def first_png(files, key: str) -> Path:
@@ -336,4 +336,4 @@ def test_export_rejects_unlisted_ids_and_drops_empty_segments(tmp_path):
     exporter.add(1, "a.jpg", pred)
     ann = json.loads(exporter.finalize().read_text())["annotations"][0]
     assert [(s["id"], s["category_id"], s["area"]) for s in ann["segments_info"]] == [(1, 100, 2), (2, 1, 1)]
-    np.testing.assert_array_equal(rgb2id(np.asarray(Image.open(tmp_path / "panoptic_pred" / "a.png"))), pan_map)
+    np.testing.assert_array_equal(rgb_to_id(np.asarray(Image.open(tmp_path / "panoptic_pred" / "a.png"))), pan_map)

@@ -18,8 +18,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from proscale.metrics.instance import InstanceAPEvaluator
 from proscale.metrics.rle import decode_rle, encode_masks
 from proscale.metrics.semantic import SemanticSegEvaluator
-from proscale.metrics.testing import PairConfig, prediction_from_gt, random_pair
 from proscale.structures import DatasetMeta
+from proscale.testing.metrics import PairConfig, prediction_from_gt, random_pair
 
 META = DatasetMeta(
     class_names=["a", "b", "c", "d", "sky", "grass"],

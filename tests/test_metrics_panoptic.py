@@ -11,8 +11,8 @@ import torch
 
 from proscale.metrics.panoptic import PanopticQualityEvaluator
 from proscale.metrics.pq_stats import IdIndexer
-from proscale.metrics.testing import PairConfig, prediction_from_gt, random_pair
 from proscale.structures import DatasetMeta
+from proscale.testing.metrics import PairConfig, prediction_from_gt, random_pair
 
 PERSON, CAR, SKY, GRASS = 0, 1, 2, 3
 META = DatasetMeta(

@@ -1,29 +1,26 @@
 """Loader round trip on the generated dataset: panoptic PNG/JSON -> dataset ground truth -> predictions built
-from it -> export -> ``scripts/evaluate.py`` (and the in-memory evaluators) scores PQ = AP = mIoU = 100."""
+from it -> export -> ``scripts/score_coco.py`` (and the in-memory evaluators) scores PQ = AP = mIoU = 100."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+import proscale.data.coco_panoptic as coco_panoptic  # noqa: E402  (the project's own modules: an import error must fail)
+import proscale.data.synthetic as synthetic  # noqa: E402
 from proscale.metrics import InstanceAPEvaluator, PanopticQualityEvaluator, SemanticSegEvaluator
 from proscale.metrics.export import InstanceExporter, PanopticExporter
-from proscale.metrics.testing import prediction_from_gt
-
-synthetic = pytest.importorskip("proscale.data.synthetic")
-coco_panoptic = pytest.importorskip("proscale.data.coco_panoptic")
+from proscale.testing.metrics import prediction_from_gt
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate_main(*args) -> int:
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    from proscale.tasks.score_coco import main
+
+    return main([str(a) for a in args])
 
 
 def test_generated_dataset_round_trip_scores_100(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.detectron2_names import TO_DETECTRON2
 
 from proscale.convert.io import load_into
 from proscale.convert.proscale_official import (
@@ -183,30 +184,6 @@ def test_convolutional_trc_is_rejected():
         proscale_official_to_proscale(official, n_heads=HEADS, n_points=POINTS)
 
 
-# our backbone / transformer-decoder name -> detectron2 name (inverse of the detectron2 converter's rules)
-OFFICIAL_MODEL_NAMES = [
-    (r"backbone\.body\.conv1\.weight", "backbone.stem.conv1.weight"),
-    (r"backbone\.body\.bn1\.(\w+)", r"backbone.stem.conv1.norm.\1"),
-    (
-        r"backbone\.body\.layer(\d)\.(\d+)\.conv(\d)\.weight",
-        lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight",
-    ),
-    (
-        r"backbone\.body\.layer(\d)\.(\d+)\.bn(\d)\.(\w+)",
-        lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}",
-    ),
-    (
-        r"backbone\.body\.layer(\d)\.(\d+)\.downsample\.0\.weight",
-        lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut.weight",
-    ),
-    (
-        r"backbone\.body\.layer(\d)\.(\d+)\.downsample\.1\.(\w+)",
-        lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}",
-    ),
-    (r"transformer_decoder\.(.+)", r"sem_seg_head.predictor.\1"),
-]
-
-
 def test_fake_official_full_model_checkpoint_loads_strictly():
     """A whole official-layout checkpoint (detectron2 ResNet, PRO-SCALE pixel decoder with TRC + LPE,
     M2F predictor, pixel_mean/std buffers) converts and loads into our Mask2Former with nothing missing
@@ -238,7 +215,7 @@ def test_fake_official_full_model_checkpoint_loads_strictly():
         if ours.startswith("pixel_decoder."):
             name = PD + official_name(ours[len("pixel_decoder.") :], OFFICIAL_PIXEL_DECODER_NAMES)
         else:
-            pattern, replacement = next((p, r) for p, r in OFFICIAL_MODEL_NAMES if re.fullmatch(p, ours))
+            pattern, replacement = next((p, r) for p, r in TO_DETECTRON2 if re.fullmatch(p, ours))
             name = re.sub(pattern, replacement, ours)
         official[name] = torch.rand_like(value) if "running_var" in ours else torch.randn_like(value) * 0.1
 

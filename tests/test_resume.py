@@ -19,6 +19,8 @@ import torch
 
 from proscale.utils.safe_load import torch_load
 
+pytestmark = pytest.mark.e2e  # runs the apps / launchers in subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 
 # 4 training images, batch 2: 2 steps per epoch; 3 epochs = 6 steps. Killed at step 3 = mid epoch 1.

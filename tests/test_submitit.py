@@ -9,11 +9,13 @@ import sys
 
 import hydra
 import pytest
-from launch_helpers import TINY, TRAIN, python, run
+from helpers.launch import TINY, TRAIN, python, run
 
 import proscale.cli
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.launch import MissingLauncherPluginError, check_launcher_plugin
+
+pytestmark = pytest.mark.e2e  # runs the apps / launchers in subprocesses
 
 
 @pytest.mark.slow  # two training subprocesses started by submitit: ~1 min on an idle 2-core machine

@@ -7,7 +7,7 @@ Two layouts, each compared with one process that trains on the same global batch
 - 1 node x 2 processes (`--nproc-per-node 2`).
 
 The final weights after 4 steps agree within 1e-5. As in tests/test_ddp.py (read its docstring), oneDNN is off
-and the criterion's random points are fixed (`proscale.lightning.testing.BatchInvariantRun`), BatchNorm is frozen,
+and the criterion's random points are fixed (`proscale.testing.callbacks.BatchInvariantRun`), BatchNorm is frozen,
 and the no-object weight is 1 so the class loss normalisation is exact. AdamW runs with eps=1 (then its update is
 ~lr x gradient): with the default eps=1e-8 the first update is lr x sign(gradient), and a gradient that is 0 up
 to rounding would move a weight by lr in either direction. Each run also shows: one run folder shared by the
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import (
-    TINY,
+from helpers.launch import (
     TRAIN,
     assert_complete_files,
     assert_weights_close,
@@ -31,33 +30,28 @@ from launch_helpers import (
     global_step,
     python,
     run,
+    short_run,
     start,
     state_dict,
     torchrun,
 )
 
-pytestmark = pytest.mark.slow  # each torchrun layout: 2 training processes, ~45 s on an idle 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # each torchrun layout: 2 training processes, ~45 s on an idle 2-core machine
 
 STEPS = 4
 
 
 def _overrides(tmp: Path, name: str) -> list[str]:
     return [
-        *TINY,
-        f"paths.log_dir={tmp / 'logs'}",
-        f"paths.data_dir={tmp / 'data'}",
-        "data.num_train=2",  # the whole dataset is the global batch: the data order cannot differ between runs
-        "data.num_val=2",
-        f"steps={STEPS}",
-        "test=false",
-        "trainer.limit_val_batches=0",
+        # the whole dataset (2 images) is the global batch: the data order cannot differ between runs
+        *short_run(tmp, num_train=2, steps=STEPS),
         "+model.backbone.freeze_bn=true",
         "module.criterion.eos_coef=1.0",
         "module.optimizer.lr=0.05",
         "+module.optimizer.eps=1.0",
-        "+callbacks.invariant._target_=proscale.lightning.testing.BatchInvariantRun",
+        "+callbacks.invariant._target_=proscale.testing.callbacks.BatchInvariantRun",
         f"+callbacks.invariant.out_dir={tmp / name}",
-        "+callbacks.record._target_=proscale.lightning.testing.RecordCheckpointWrites",
+        "+callbacks.record._target_=proscale.testing.callbacks.RecordCheckpointWrites",
         f"+callbacks.record.out_dir={tmp / name}",
     ]
 

@@ -14,6 +14,7 @@ from PIL import Image
 from proscale.lightning.callbacks import WandbExtras
 from proscale.lightning.prediction_grid import PredictionGrid
 from proscale.structures import DatasetMeta
+from proscale.utils.io import atomic_write_png
 from proscale.utils.visualize import (
     class_color,
     comparison_grid,
@@ -22,7 +23,6 @@ from proscale.utils.visualize import (
     draw_labelled_segments,
     labelled_overlay,
     legend_panel,
-    write_png,
 )
 
 H, W = 128, 160
@@ -122,7 +122,7 @@ def test_grid_of_four_is_cheap_and_written_atomically(tmp_path):
     assert seconds < 2.0, f"{seconds:.2f} s for four 128x160 rows"
     rows = [comparison_row(s, NAMES, min_side=256) for s in samples]
     assert grid.shape[0] == sum(r.shape[0] for r in rows) + 3 * 8
-    path = write_png(tmp_path / "run" / "predictions_val.png", grid)
+    path = atomic_write_png(tmp_path / "run" / "predictions_val.png", grid)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
     assert sorted(p.name for p in path.parent.iterdir()) == ["predictions_val.png"]  # no temporary left over
     empty = comparison_grid([], NAMES)
@@ -256,35 +256,19 @@ def test_callback_refuses_zero_images():
 
 
 # ------------------------------------------------------------------------------------------------ a real run
-def test_train_ends_with_the_picture_and_logs_the_rows_to_wandb(tmp_path, monkeypatch, capsys):
+def test_train_ends_with_the_picture_and_logs_the_rows_to_wandb(tmp_path, monkeypatch, capsys, tiny_wandb_cfg):
     """tiny preset, 4 steps (one epoch, one validation), W&B offline: predictions_val.png under the run folder,
     its path printed; the W&B validation images are the same GT | prediction rows."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from proscale.train import train
-    from proscale.utils.hydra_utils import compose_config
+    from proscale.tasks.train import train
 
     logged: list[dict] = []
     monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images, step=None, **kw: logged.append(
         {"key": key, "images": images, **kw}
     ))  # fmt: skip
     run_dir = tmp_path / "run"
-    cfg = compose_config(
-        "train",
-        [
-            "experiment=tiny",
-            "steps=4",
-            "num_threads=1",
-            "logger=wandb",
-            "trainer.enable_progress_bar=false",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            "callbacks.compute_stats=null",
-            "callbacks.prediction_grid.num_images=3",
-        ],
-        output_dir=run_dir,
-    )
-    train(cfg)
+    train(tiny_wandb_cfg(4, "callbacks.prediction_grid.num_images=3"))
     picture = run_dir / "predictions_val.png"
     assert f"predictions (validation images, ground truth | prediction): {picture.resolve()}" in capsys.readouterr().out
     rows = np.asarray(Image.open(picture))

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from test_convert import hf_resnet26, tiny_model, to_detectron2
 from test_weights import official_model, tensors, to_official
 
+pytestmark = pytest.mark.e2e  # runs the apps / launchers in subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 10  # proscale.data.synthetic: 6 things + 4 stuff
 COMMON = ["num_threads=1", "trainer.enable_progress_bar=false", "callbacks.compute_stats=null"]
@@ -39,7 +41,7 @@ def write_state_dict(path: Path) -> None:
 
 
 def write_hf_folder(path: Path) -> None:
-    pytest.importorskip("transformers")
+    import transformers  # noqa: F401  (a dev dependency: missing means a broken install)
     torch.manual_seed(0)
     hf_resnet26(num_labels=NUM_CLASSES).save_pretrained(path, safe_serialization=True)
 

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_convert import run_script
 
-from proscale.evaluate import evaluate
 from proscale.lightning.callbacks import AtomicCheckpointIO
-from proscale.predict import predict
-from proscale.train import train
+from proscale.tasks.eval import evaluate
+from proscale.tasks.predict import predict
+from proscale.tasks.train import train
 from proscale.utils.hydra_utils import compose_config
 from proscale.utils.safe_load import UnsafeFileError, torch_load
 from proscale.weights import read_weights
@@ -124,8 +124,7 @@ def test_train_weights_conflicting_override_names_both_values(run, tmp_path):
     with pytest.raises(ValueError, match=r"model\.encoder\.schedule=\[1,1,1\] .*plain\.pth.*schedule=\[3,3,3\]"):
         train(cfg)
     cfg = cfg_for(run["root"], "conflict_group", f"weights={tmp_path / 'plain.pth'}", "model/encoder=m2f")
-    with pytest.raises(ValueError, match=r"model/encoder \(proscale.models.encoders.M2FEncoder\) .*plain\.pth.*"
-                       r"model\.encoder\._target_=proscale.models.encoders.ProScaleEncoder"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"model/encoder \(m2f\) .*plain\.pth.*model/encoder=proscale"):
         train(cfg)
 
 

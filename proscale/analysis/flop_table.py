@@ -1,4 +1,4 @@
-"""The compute table of issue 3: every encoder x LPE x backbone, counted on meta-device models.
+"""The compute table: every encoder x LPE x backbone, counted on meta-device models.
 
 Models are composed from ``conf/train.yaml`` with Hydra overrides (``model/backbone=...``,
 ``model/encoder=...``, ``model.encoder.schedule=[...]``, ``model.lpe=...``, ``model.num_classes=...``) and
@@ -35,7 +35,7 @@ from proscale.analysis.flops import (
     resize_for_test,
 )
 
-BACKBONES = ("r50", "swin_t")
+PAPER_BACKBONES = ("r50", "swin_t")  # the two backbones of the paper's compute tables
 NUM_CLASSES = 133  # COCO panoptic
 
 
@@ -164,7 +164,7 @@ def model_row(model: nn.Module, sizes: SizeProtocol = COCO_PROTOCOL) -> dict[str
 
 
 def table_rows(
-    backbones: Iterable[str] = BACKBONES,
+    backbones: Iterable[str] = PAPER_BACKBONES,
     variants: Iterable[EncoderVariant] = VARIANTS,
     lpe_settings: Iterable[bool] = (False, True),
     num_classes: int = NUM_CLASSES,

@@ -13,7 +13,6 @@ Every failure raises ``ValueError`` naming the file.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from proscale.utils.io import atomic_save_safetensors, atomic_torch_save
 from proscale.utils.safe_load import UnsafeFileError, load_pickle, torch_load
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -85,22 +85,10 @@ def write_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pa
     """Write ``state`` as ``.safetensors`` or (any other suffix) ``torch.save``, atomically:
     the file appears complete or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if path.suffix.lower() == ".safetensors":
+        return atomic_save_safetensors(path, tensors)
+    return atomic_torch_save(tensors, path)
 
 
 def strip_common_prefix(state: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Tensor]:
@@ -125,26 +113,25 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
     @property
-    def unexpected(self) -> list[str]:
-        """Alias of ``unused`` (the weights API's word)."""
-        return self.unused
-
-    @property
-    def reshaped(self) -> list[tuple[str, tuple, tuple]]:
-        """Alias of ``mismatched`` (the weights API's word)."""
-        return self.mismatched
-
-    @property
     def ok(self) -> bool:
         return not (self.missing or self.unused or self.mismatched)
 
-    def __str__(self) -> str:
-        def show(items: list) -> str:
-            return f"{items[:30]}{f' ... ({len(items)} in all)' if len(items) > 30 else ''}"
+    def describe(self, limit: int = 8) -> str:
+        """``N missing (names); N unexpected (names); N reshaped (name shape vs model shape)``, at most ``limit``
+        names each: the one wording of every key-mismatch message (weights, checkpoints, conversions)."""
 
-        return f"missing keys: {show(self.missing)}; unused keys: {show(self.unused)}; shape mismatches: " + show(
-            self.mismatched
+        def names(items: list) -> str:
+            shown = ", ".join(str(i) for i in items[:limit])
+            return f" ({shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''})" if items else ""
+
+        reshaped = [f"{key} {theirs} vs model {ours}" for key, theirs, ours in self.mismatched]
+        return (
+            f"{len(self.missing)} missing{names(self.missing)}; {len(self.unused)} unexpected{names(self.unused)}; "
+            f"{len(reshaped)} reshaped{names(reshaped)}"
         )
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 def fit_report(model: nn.Module, state: Mapping[str, Tensor]) -> LoadReport:

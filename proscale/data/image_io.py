@@ -106,10 +106,3 @@ def read_label_png(path: str | Path) -> np.ndarray:
     if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise ValueError(f"{path}: label PNG must be single-channel (L/P/I), got mode {image.mode!r}")
     return np.asarray(image).astype(np.int64)
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling + rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

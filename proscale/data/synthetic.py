@@ -373,7 +373,7 @@ def _params(cfg: SyntheticConfig) -> dict:
     return json.loads(json.dumps({"version": GENERATOR_VERSION, "params": asdict(cfg)}))  # tuples as lists
 
 
-def default_workers(cfg: SyntheticConfig) -> int:
+def generation_workers(cfg: SyntheticConfig) -> int:
     """Processes for generation: one unless the dataset is large (spawning workers costs seconds and, on a busy
     2-core machine, measured slower than one process for 360 images)."""
     if cfg.num_train + cfg.num_val < 2000:
@@ -384,12 +384,12 @@ def default_workers(cfg: SyntheticConfig) -> int:
 def write_synthetic(root: str | Path, cfg: SyntheticConfig, workers: int | None = None) -> Path:
     """Write the dataset into ``root`` (which must not exist yet); the params file is written last.
 
-    ``workers`` processes render images in parallel (default :func:`default_workers`); the bytes written do
+    ``workers`` processes render images in parallel (default :func:`generation_workers`); the bytes written do
     not depend on it.
     """
     root = Path(root)
     root.mkdir(parents=True)
-    workers = default_workers(cfg) if workers is None else workers
+    workers = generation_workers(cfg) if workers is None else workers
     for split_index, split in enumerate(SPLITS):
         _write_split(root, cfg, split, split_index, workers)
     with open(root / PARAMS_FILE, "w") as f:

@@ -132,5 +132,5 @@ def decode_all(readers: Iterable[tuple[Path, Callable[[Path], Any]]], problems: 
 
 VALIDATION_HINT = (
     "\n(checked at setup: data.validate=false skips the file checks, data.verify_images=true also decodes "
-    "every image; see README 'Data validation')"
+    "every image; see docs/datasets.md, data validation)"
 )

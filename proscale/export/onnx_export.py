@@ -34,7 +34,7 @@ from proscale.export.graph import (
 )
 from proscale.export.kernels import exportable
 from proscale.export.metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
-from proscale.utils.io import atomic_write
+from proscale.utils.io import atomic_write_bytes
 
 FIXED_SIZE_OPSET = 17
 DYNAMIC_OPSET = 18
@@ -125,7 +125,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     serialized = proto.SerializeToString()
-    return atomic_write(path, lambda handle: handle.write(serialized))
+    return atomic_write_bytes(path, serialized)
 
 
 __all__ = ["DYNAMIC_OPSET", "FIXED_SIZE_OPSET", "check_opset", "export_onnx"]

@@ -25,7 +25,7 @@ from proscale.export.graph import (
 )
 from proscale.export.kernels import exportable
 from proscale.export.metadata import DeployMetadata
-from proscale.utils.io import atomic_write
+from proscale.utils.io import atomic_write_bytes
 
 METADATA_FILE = "proscale_metadata.json"
 
@@ -55,7 +55,7 @@ def export_torch(
     metadata = replace(metadata, image_size=size, dynamic=dynamic, batch_size=1, exporter="torch.export", opset=None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata.to_props())})
-    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_torch_export(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, DeployMetadata]:

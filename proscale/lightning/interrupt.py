@@ -4,7 +4,7 @@ Lightning's own handling is not enough: on Ctrl+C it runs its exception hooks an
 without a checkpoint (the run was recorded as ``"error": "SystemExit: 1"``); on SIGTERM it sets
 ``trainer.received_sigterm`` and raises ``SIGTERMException`` after the current step, also without a checkpoint.
 
-:class:`GracefulInterrupt` (added to every training run by :func:`proscale.train.build_trainer`) turns the first
+:class:`GracefulInterrupt` (added to every training run by :func:`proscale.tasks.run.build_trainer`) turns the first
 Ctrl+C into a request, like SIGTERM; after the current training step (the epoch's last: after its validation) it
 writes ``last.ckpt`` (atomically, through
 the trainer's :class:`~proscale.lightning.callbacks.AtomicCheckpointIO`) and raises

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from proscale.utils.io import atomic_write_png
 from proscale.utils.logging_utils import get_logger
-from proscale.utils.visualize import comparison_grid, comparison_sample, write_png
+from proscale.utils.visualize import comparison_grid, comparison_sample
 
 log = get_logger(__name__)
 
@@ -99,7 +100,7 @@ class PredictionGrid(Callback):
             meta = pl_module.meta
             names = list(meta.class_names) if meta is not None else []  # (unnamed classes show their index)
             grid = comparison_grid(samples, names, meta.colors if meta is not None else None, self.min_side)
-            self.written = write_png(self.path, grid).resolve()
+            self.written = atomic_write_png(self.path, grid).resolve()
         except Exception as error:  # the picture must not cost the run its results
             log.warning(f"prediction grid not written: {type(error).__name__}: {error}")
             return None

@@ -5,7 +5,7 @@ export of predictions in the official COCO formats, and offline scoring of such 
 - ``InstanceAPEvaluator`` (``instance.py``, COCOeval in ``coco_ap.py``): AP, AP50, AP75, APs, APm, APl.
 - ``SemanticSegEvaluator`` (``semantic.py``): mIoU, pAcc, mAcc, fwIoU.
 - ``PanopticExporter`` / ``InstanceExporter`` (``export.py``): PNG + JSON / COCO results JSON, atomic writes.
-- ``evaluate_panoptic_files`` / ``evaluate_instance_files`` (``coco_files.py``): what ``scripts/evaluate.py`` runs.
+- ``evaluate_panoptic_files`` / ``evaluate_instance_files`` (``coco_files.py``): what ``scripts/score_coco.py`` runs.
 
 Every evaluator takes ``update(predictions, gts)`` with the inference output dicts and ``batch["gt"]`` of
 ``proscale.structures`` and returns ``dict[str, float]`` on the 0-100 scale from ``compute()``; after
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from proscale.metrics.coco_files import evaluate_instance_files, evaluate_panoptic_files
-from proscale.metrics.export import InstanceExporter, PanopticExporter, id2rgb, rgb2id
+from proscale.metrics.export import InstanceExporter, PanopticExporter
 from proscale.metrics.instance import InstanceAPEvaluator
 from proscale.metrics.panoptic import PanopticQualityEvaluator
 from proscale.metrics.semantic import SemanticSegEvaluator
@@ -51,6 +51,4 @@ __all__ = [
     "build_evaluators",
     "evaluate_instance_files",
     "evaluate_panoptic_files",
-    "id2rgb",
-    "rgb2id",
 ]

@@ -1,7 +1,7 @@
 """Mask AP with pycocotools' COCOeval on in-memory COCO dicts (no files), quietly.
 
 ``coco_mask_ap`` is the single place where AP is computed, for the training-time evaluator
-(``proscale.metrics.instance``) and for offline files (``scripts/evaluate.py``), so both report the same numbers.
+(``proscale.metrics.instance``) and for offline files (``scripts/score_coco.py``), so both report the same numbers.
 """
 
 from __future__ import annotations

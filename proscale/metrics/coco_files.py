@@ -1,4 +1,4 @@
-"""Offline scoring of COCO-format files (what ``scripts/evaluate.py`` runs).
+"""Offline scoring of COCO-format files (what ``scripts/score_coco.py`` runs).
 
 - Panoptic: GT JSON + PNG folder vs prediction JSON + PNG folder (panopticapi formats) -> PQ / SQ / RQ, with the
   same statistics code as the training-time evaluator (``proscale.metrics.pq_stats``).
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from proscale.data.image_io import rgb_to_id
 from proscale.metrics.coco_ap import coco_mask_ap
-from proscale.metrics.export import rgb2id
 from proscale.metrics.pq_stats import IdIndexer, PQStats, SegmentsTable, pq_image_stats, summarize_pq
 from proscale.metrics.rle import encode_masks, rle_problem
 from proscale.utils.io import read_json
@@ -42,7 +42,7 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
             rgb = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"panoptic PNG {path} cannot be read (corrupt or truncated): {err}") from None
-    return rgb2id(rgb)
+    return rgb_to_id(rgb)
 
 
 class _Categories:
@@ -250,5 +250,5 @@ def evaluate_instance_files(
     return coco_mask_ap(list(images.values()), gt_anns, categories, results)
 
 
-def default_workers() -> int:
+def scoring_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))

@@ -1,5 +1,5 @@
-"""Prediction export in the official COCO formats, written atomically (a temp file in the same folder, then
-``os.replace``), so an interrupted run never leaves a half-written PNG or JSON.
+"""Prediction export in the official COCO formats, written atomically (:mod:`proscale.utils.io`), so an
+interrupted run never leaves a half-written PNG or JSON.
 
 Panoptic (panopticapi's results format): one PNG per image whose RGB encodes the segment id
 (``id = R + 256 * G + 256**2 * B``, 0 = void) plus one JSON::
@@ -16,47 +16,18 @@ writes the file.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-from proscale.data.image_io import id_to_rgb, rgb_to_id
+from proscale.data.image_io import id_to_rgb
 from proscale.metrics.instance import instance_results
 from proscale.metrics.pq_stats import IdIndexer
 from proscale.structures import DatasetMeta
-
-# the panoptic PNG encoding (ids = R + 256 G + 256^2 B) is the data package's; re-exported under COCO's names
-id2rgb, rgb2id = id_to_rgb, rgb_to_id
-
-
-def _atomic_write(path: Path, write: Any, mode: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    _atomic_write(Path(path), lambda f: json.dump(obj, f), "w")
-
-
-def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
-    _atomic_write(Path(path), lambda f: Image.fromarray(array).save(f, format="PNG"), "wb")
+from proscale.utils.io import atomic_write_json, atomic_write_png
 
 
 def panoptic_to_coco(
@@ -88,7 +59,7 @@ def panoptic_to_coco(
             }
         )
     annotation = {"image_id": image_id, "file_name": png_name, "segments_info": segments}
-    return id2rgb(id_map.cpu().numpy()), annotation
+    return id_to_rgb(id_map.cpu().numpy()), annotation
 
 
 def coco_categories(meta: DatasetMeta) -> list[dict]:
@@ -127,7 +98,7 @@ class PanopticExporter:
         """``prediction``: an inference output dict (uses ``panoptic_seg``); ``file_name`` of the input image."""
         png_name = Path(file_name).stem + ".png"
         rgb, annotation = panoptic_to_coco(prediction["panoptic_seg"], self.meta, int(image_id), png_name)
-        write_png_atomic(self.png_dir / png_name, rgb)
+        atomic_write_png(self.png_dir / png_name, rgb)
         self.annotations.append(annotation)
 
     def finalize(self) -> Path | None:
@@ -136,7 +107,7 @@ class PanopticExporter:
         if annotations is None:
             return None
         annotations = sorted(annotations, key=lambda a: a["image_id"])
-        write_json_atomic(self.json_path, {"annotations": annotations, "categories": coco_categories(self.meta)})
+        atomic_write_json(self.json_path, {"annotations": annotations, "categories": coco_categories(self.meta)}, compact=True)
         return self.json_path
 
 
@@ -155,5 +126,5 @@ class InstanceExporter:
         results = _gather_to_rank0(self.results)
         if results is None:
             return None
-        write_json_atomic(self.json_path, results)
+        atomic_write_json(self.json_path, results, compact=True)
         return self.json_path

@@ -36,15 +36,13 @@ from typing import Any
 from torch import Tensor
 
 from proscale.convert.io import as_tensor_dict
-from proscale.utils.safe_load import UnsafeFileError, load_pickle, torch_load
+from proscale.utils.safe_load import UnsafeFileError, file_kind, load_pickled
 
 NOT_SET = None  # pretrained_choice: no weights given
 FROM_SCRATCH = "from_scratch"  # pretrained_choice: random weights on purpose
 FROM_HUB = "hub"  # pretrained_choice: timm's hub download
 FROM_FILE = "file"  # pretrained_choice: a local file
 
-# torch.save's legacy (non-zip) format starts with this number, pickled
-_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 # names of the MSRA caffe2 ResNet pickles (e.g. conv1_w, res_conv1_bn_s, res2_0_branch2a_w, fc1000_b)
 _CAFFE2_NAME = re.compile(r"^(conv1_[wb]|res_conv1_bn_\w+|res\d+_\d+_branch\w+|fc1000_[wb])$")
 # detectron2 ResNets always have res2..res5 blocks; `stem.` alone is also timm's name for RegNet / ConvNeXt stems
@@ -83,23 +81,13 @@ def pretrained_choice(value: Any) -> str | None:
 
 
 def _read_raw(path: Path, allow_unsafe: bool) -> Any:
-    """Load the file's object, choosing the reader by its first bytes (zip / safetensors / pickle)."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
-        return torch_load(path, allow_unsafe=allow_unsafe)
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+    """Load the file's object, choosing the reader by its first bytes (:func:`~proscale.utils.safe_load.file_kind`)."""
+    kind = file_kind(path, "backbone weights")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    # a pickle (protocol >= 2, or a dict / list in protocol 0 / 1): a .pkl file, or torch.save's legacy format
-    if head[:1] in (b"\x80", b"(", b"}", b"]"):
-        raw = load_pickle(path, allow_unsafe=allow_unsafe)
-        if isinstance(raw, int) and raw == _LEGACY_TORCH_MAGIC:
-            return torch_load(path, allow_unsafe=allow_unsafe)
-        return raw
-    raise ValueError("not a torch (.pth/.pt), safetensors or pickle (.pkl) file")
+    return load_pickled(path, kind, allow_unsafe)
 
 
 def _weights_mapping(raw: Any, path: Path) -> Mapping:

@@ -275,4 +275,7 @@ def build_backbone(name: str, **kwargs: Any) -> TimmBackbone:
     return BACKBONES.build(name, **kwargs)
 
 
+build_backbone.registry = BACKBONES  # type: ignore[attr-defined]  (config checks look through to the backbone)
+
+
 __all__ = ["BACKBONES", "TimmBackbone", "build_backbone"]

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from proscale.reporting.stats import mean_std, welch_difference
-from proscale.utils.io import atomic_write_text
+from proscale.utils.io import atomic_save_figure, atomic_write_text
 
 METRICS = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
 COST_KEYS = ("encoder_gflops", "total_gflops", "params_m", "ms_per_img")
@@ -93,7 +93,11 @@ def _job_sort_key(path: Path) -> tuple[int, str]:
 def load_job(job_dir: Path) -> Job:
     cfg = _read_yaml(job_dir / ".hydra" / "config.yaml") or {}
     choices = _dig(_read_yaml(job_dir / ".hydra" / "hydra.yaml") or {}, "hydra.runtime.choices", {}) or {}
-    encoder = str(choices.get("model/encoder") or _dig(cfg, "model.encoder._target_", "?").rsplit(".", 1)[-1])
+    encoder = str(
+        choices.get("model/encoder")
+        or _dig(cfg, "model.encoder.name", None)
+        or _dig(cfg, "model.encoder._target_", "?").rsplit(".", 1)[-1]
+    )
     backbone = str(choices.get("model/backbone") or _dig(cfg, "model.backbone.name", "?"))
     if backbone == "timm":  # the generic timm group: name the actual model
         backbone = str(_dig(cfg, "model.backbone.model_name", None) or backbone)
@@ -496,10 +500,8 @@ def plot_pq_vs_gflops(rows: list[dict[str, Any]], path: Path, smoke_run: bool = 
     if smoke_run:
         fig.suptitle("SMOKE RUN: these numbers mean nothing", color="C3", fontsize=11, fontweight="bold")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_save_figure(path, fig)
     plt.close(fig)
-    tmp.replace(path)
     return panels
 
 

@@ -109,7 +109,7 @@ def prepare(grid: Grid, threads: int) -> list[dict[str, Any]]:
     import hydra
     import torch
 
-    from proscale.train import maybe_pretrain_backbone
+    from proscale.tasks.run import maybe_pretrain_backbone
 
     torch.set_num_threads(max(1, threads))
     done_data: set[str] = set()

@@ -61,42 +61,24 @@ def load_checkpoint_cpu(path: str | os.PathLike, allow_unsafe: bool = False) -> 
         raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
-
-
 def check_state_dict_fits(module: nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """Raise ``ValueError`` listing missing / unexpected / differently shaped keys when the checkpoint's
     ``state_dict`` was made by a different architecture than ``module``."""
     if "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key; keys: {list(checkpoint)[:10]})")
-    ours = module.state_dict()
-    theirs = checkpoint["state_dict"]
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    shapes = sorted(
-        f"{k} (checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)})"
-        for k in set(ours) & set(theirs)
-        if tuple(ours[k].shape) != tuple(theirs[k].shape)
-    )
-    if not (missing or unexpected or shapes):
+    from proscale.convert.io import fit_report
+
+    report = fit_report(module, checkpoint["state_dict"])
+    if report.ok:
         return
     trained_with = (checkpoint.get("hyper_parameters") or {}).get("model_config")
     hint = ""
     if trained_with:
-        encoder = (trained_with.get("pixel_decoder") or {}).get("encoder") or trained_with.get("encoder") or {}
+        encoder = trained_with.get("encoder") or {}
         hint = f" The checkpoint's model config: encoder {encoder}."
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} keys of the model are missing from the checkpoint: {_listed(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} checkpoint keys are not in the model: {_listed(unexpected)}")
-    if shapes:
-        parts.append(f"{len(shapes)} keys differ in shape: {_listed(shapes)}")
     raise ValueError(
-        f"checkpoint {path} does not fit the configured model (a different architecture?). "
-        + "; ".join(parts)
+        f"checkpoint {path} does not fit the configured model (a different architecture?): "
+        + report.describe(limit=MAX_LISTED_KEYS)
         + "."
         + hint
         + " Use the same model/experiment overrides as the run that wrote it."

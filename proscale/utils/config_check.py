@@ -155,8 +155,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
         target = _locate(str(target_name)) if isinstance(target_name, str) else None
         if target is None:
             continue
+        builder_keys: set[str] = set()
+        registry = getattr(target, "registry", None)  # build_encoder / build_backbone: check the part they build
+        if registry is not None and isinstance(node.get("name"), str) and node.get("name") in registry:
+            target, builder_keys = registry.get(node.get("name")), {"name"}
+            target_name = f"{node.get('name')} ({getattr(target, '__qualname__', target)})"
         parameters, hints, open_ = _signature_parameters(target)
-        unknown = [str(k) for k in node.keys() if not str(k).startswith("_") and str(k) not in parameters]
+        unknown = [
+            str(k) for k in node.keys() if not str(k).startswith("_") and str(k) not in parameters.keys() | builder_keys
+        ]
         if unknown and not open_:
             where = path or "(root)"
             problems.append(

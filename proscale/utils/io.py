@@ -1,33 +1,52 @@
-"""Atomic file writes: a reader (or a process killed mid-write) never sees a half-written file.
+"""Every file the project writes atomically goes through this module: a reader (or a process killed mid-write)
+never sees a half-written JSON, PNG, table, plot, checkpoint or weight file.
 
-Every writer goes through the same pattern: write a temporary file in the destination's folder (same file
-system, so the rename cannot cross devices), flush and ``fsync`` it, then ``os.replace`` it over the
-destination, which POSIX guarantees to be atomic. A SIGKILL before the rename leaves the old file intact and
-at most a ``.<name>.tmp-<pid>`` leftover, which :func:`remove_stale_temporaries` cleans up.
+The pattern: write a temporary file in the destination's folder (same file system, so the rename cannot cross
+devices), flush and ``fsync`` it, then ``os.replace`` it over the destination, which POSIX guarantees to be atomic.
+A SIGKILL before the rename leaves the old file intact and at most a ``.<name>.tmp-<pid>-<random>`` leftover, which
+:func:`remove_stale_temporaries` cleans up (folders written whole, such as the generated dataset, use the same
+marker). One name per kind of file:
+
+=============================  ==============================================================
+:func:`atomic_write`           any content, given a function that writes to a binary handle
+:func:`atomic_write_bytes`     bytes (ONNX graphs, rendered PNGs and figures)
+:func:`atomic_write_text`      text (markdown and CSV tables, logs)
+:func:`atomic_write_json`      JSON: indented with sorted keys, or ``compact`` (COCO result files)
+:func:`atomic_write_png`       an image array as PNG (panoptic / semantic maps, overlays)
+:func:`atomic_save_figure`     a matplotlib figure
+:func:`atomic_torch_save`      ``torch.save`` (checkpoints, pre-trained backbones)
+:func:`atomic_save_safetensors` a tensor dict as ``.safetensors`` (converted weights)
+=============================  ==============================================================
+
 :func:`exclusive_lock` serialises processes that would produce the same file (e.g. a cached pre-training).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-from collections.abc import Callable, Iterator
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 TMP_MARKER = ".tmp-"
 
 
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """``.<name>.tmp-<pid>-<random>`` next to ``path``: unique per writer, found by :func:`remove_stale_temporaries`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(binary_file)`` on a temporary file, then atomically move it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
+    tmp = temporary_sibling(path)
     try:
         with open(tmp, "wb") as handle:
             write(handle)
@@ -55,13 +74,36 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON with sorted keys (NaN/inf as Python's ``NaN``/``Infinity`` tokens)."""
+def atomic_write_json(path: str | os.PathLike, data: Any, compact: bool = False) -> Path:
+    """Write ``data`` as JSON (NaN/inf as Python's ``NaN``/``Infinity`` tokens; tensors, numpy values and paths
+    converted): indented with sorted keys for files people read (results, summaries), or ``compact`` (one line,
+    keys in their order) for large machine-read files such as COCO results."""
+    if compact:
+        return atomic_write_text(path, json.dumps(data, default=_json_default))
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_png(path: str | os.PathLike, array: Any) -> Path:
+    """Write an (H, W) or (H, W, 3) uint8 / integer array as PNG (PIL)."""
+    from PIL import Image
+
+    return atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
+
+
+def atomic_save_figure(path: str | os.PathLike, figure: Any, **savefig_kwargs: Any) -> Path:
+    """``figure.savefig`` (format from the suffix unless given) into memory, then one atomic write."""
+    buffer = io.BytesIO()
+    savefig_kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    figure.savefig(buffer, **savefig_kwargs)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -82,16 +124,30 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+def atomic_save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a ``{name: tensor}`` dict (contiguous CPU tensors) as ``.safetensors`` with optional string metadata."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save(dict(tensors), metadata=dict(metadata) if metadata else None))
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporaries left by writers that were killed before their rename; returns what was removed."""
+    """Delete temporaries (files and folders) left under ``directory`` by writers that were killed before their
+    rename; returns what was removed. Call it where no other writer is active (a run's own folder at its start)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
-    for candidate in directory.rglob(f".*{TMP_MARKER}*"):
-        if candidate.is_file():
+    for candidate in sorted(directory.rglob(f".*{TMP_MARKER}*")):
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        elif candidate.exists():
             candidate.unlink(missing_ok=True)
-            removed.append(candidate)
+        else:  # inside a folder removed above
+            continue
+        removed.append(candidate)
     return removed
 
 

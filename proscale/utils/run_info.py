@@ -49,7 +49,9 @@ def run_tags(cfg: DictConfig) -> dict[str, Any]:
     encoder_node = _find_key(model, "encoder")
     encoder = choices.get("model/encoder")
     if encoder is None and isinstance(encoder_node, DictConfig):
-        encoder = str(encoder_node.get("_target_", "?")).rsplit(".", 1)[-1]
+        from proscale.models.encoders import encoder_name
+
+        encoder = encoder_name(encoder_node) or str(encoder_node.get("_target_", "?")).rsplit(".", 1)[-1]
     backbone_node = _find_key(model, "backbone")
     backbone = choices.get("model/backbone")
     if backbone is None:

@@ -91,6 +91,37 @@ def load_pickle(path: str | os.PathLike, allow_unsafe: bool = False) -> Any:
         return RestrictedUnpickler(f, path, encoding="latin1").load()
 
 
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a non-zip (legacy) torch.save file
+
+
+def file_kind(path: str | os.PathLike, what: str = "weights") -> str:
+    """``safetensors`` | ``zip`` (torch.save) | ``pickle`` (a ``.pkl``, or torch.save's legacy format) from the first
+    bytes; a ``ValueError`` naming ``what`` and the file for anything else."""
+    with Path(path).open("rb") as f:
+        head = f.read(9)
+    size = os.path.getsize(path)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] in (b"\x80", b"(", b"}", b"]"):  # protocol >= 2, or a dict / list / tuple in protocol 0 / 1
+        return "pickle"
+    raise ValueError(
+        f"{what} {path}: unknown format (not safetensors, a torch.save file or a pickle; first bytes {head[:8]!r})"
+    )
+
+
+def load_pickled(path: str | os.PathLike, kind: str, allow_unsafe: bool = False) -> Any:
+    """The object of a ``zip`` or ``pickle`` file (:func:`file_kind`) through the safe loaders: torch.save files
+    (zip, or legacy: a pickled magic number first) with :func:`torch_load`, plain pickles with :func:`load_pickle`."""
+    if kind == "zip":
+        return torch_load(path, allow_unsafe=allow_unsafe)
+    first = load_pickle(path, allow_unsafe=allow_unsafe)
+    if isinstance(first, int) and first == TORCH_LEGACY_MAGIC:
+        return torch_load(path, allow_unsafe=allow_unsafe)
+    return first
+
+
 def _safe_globals() -> list[Any]:
     """Plain classes this project's checkpoints may hold besides tensors and builtins."""
     from lightning.fabric.utilities.data import AttributeDict
@@ -127,4 +158,13 @@ def torch_load(
         raise
 
 
-__all__ = ["RestrictedUnpickler", "UnsafeFileError", "UNSAFE_OPT_IN", "load_pickle", "torch_load"]
+__all__ = [
+    "TORCH_LEGACY_MAGIC",
+    "RestrictedUnpickler",
+    "UnsafeFileError",
+    "UNSAFE_OPT_IN",
+    "file_kind",
+    "load_pickle",
+    "load_pickled",
+    "torch_load",
+]

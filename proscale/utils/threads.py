@@ -2,7 +2,7 @@
 
 torch's CPU kernels run on an OpenMP pool (GNU libgomp in the pip wheels), one thread per core by default. After
 each parallel region libgomp's threads spin-wait for the next one, which is cheap alone but ruinous when another
-process wants the same cores: two 2-thread trainings on 2 cores slowed each other ~25x (issue 15), each one's
+process wants the same cores: two 2-thread trainings on 2 cores slowed each other ~25x (benchmarks/shared_cpu.md), each one's
 spinning threads taking the time slices the other's working threads needed. ``OMP_WAIT_POLICY=PASSIVE`` makes idle
 threads sleep instead, so side-by-side runs share the cores instead of fighting over them. The variable is read once,
 when torch loads its OpenMP runtime, hence :func:`apply_thread_env_defaults` runs in :mod:`proscale.cli` before

@@ -1,5 +1,5 @@
 """Panoptic overlays with class names, scores and a legend: one drawing code for ``scripts/predict.py``'s
-overlays, the train task's ``predictions_val.png`` (:class:`proscale.lightning.callbacks.PredictionGrid`), the W&B
+overlays, the train task's ``predictions_val.png`` (:class:`proscale.lightning.prediction_grid.PredictionGrid`), the W&B
 validation images (:class:`proscale.lightning.callbacks.WandbExtras`) and ``notebooks/inspect_predictions.ipynb``.
 
 Small images are enlarged (nearest) so the text stays legible; a panel with nothing to draw says so.
@@ -8,8 +8,6 @@ Small images are enlarged (nearest) so the text stays legible; a panel with noth
 from __future__ import annotations
 
 import colorsys
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +15,6 @@ import torch
 from torch import Tensor
 
 from proscale.structures import PIXEL_MEAN, PIXEL_STD
-from proscale.utils.io import atomic_write
 
 
 def denormalize(image: Tensor) -> np.ndarray:
@@ -361,9 +358,3 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG atomically (:func:`proscale.utils.io.atomic_write`)."""
-    content = png_bytes(rgb)
-    return atomic_write(path, lambda handle: handle.write(content))

@@ -6,7 +6,7 @@
 
 What the shapes cannot tell is left to the configured model: the number of attention heads and sampling points,
 dropout, TRC's temperature. Two keys switch a whole config node when they differ from the configured one
-(:mod:`proscale.weights.resolve` rebuilds the node): ``backbone.name`` and ``encoder._target_``.
+(:mod:`proscale.weights.resolve` rebuilds the node): ``backbone.name`` and ``encoder.name``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
-
-M2F_ENCODER = "proscale.models.encoders.M2FEncoder"
-PROSCALE_ENCODER = "proscale.models.encoders.ProScaleEncoder"
 
 _ENC_OFFSETS = re.compile(r"pixel_decoder\.encoder\.layers\.(\d+)\.self_attn\.sampling_offsets\.weight")
 _DEC_LAYER = re.compile(r"transformer_decoder\.transformer_self_attention_layers\.(\d+)\.")
@@ -97,11 +94,11 @@ def _encoder_overrides(state: Mapping[str, Tensor]) -> dict[str, Any]:
         out["encoder.dim_feedforward"] = ffn[0]
     has_trc = any(k.startswith("pixel_decoder.encoder.trc.") for k in state)
     if all(n == 3 for n in levels) and not has_trc:
-        return {"encoder._target_": M2F_ENCODER, "encoder.num_layers": len(levels), **out}
+        return {"encoder.name": "m2f", "encoder.num_layers": len(levels), **out}
     if levels != sorted(levels) or levels[-1] != 3 or levels[0] < 1:
         raise ValueError(f"encoder layers attend to {levels} levels: neither Mask2Former's nor a PRO-SCALE schedule")
     schedule = [levels.count(level) for level in (1, 2, 3)]
-    return {"encoder._target_": PROSCALE_ENCODER, "encoder.schedule": schedule, "encoder.trc": has_trc, **out}
+    return {"encoder.name": "proscale", "encoder.schedule": schedule, "encoder.trc": has_trc, **out}
 
 
 def _backbone_overrides(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -169,4 +166,4 @@ def hf_config_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["M2F_ENCODER", "PROSCALE_ENCODER", "derive_overrides", "encoder_levels", "hf_config_overrides"]
+__all__ = ["derive_overrides", "encoder_levels", "hf_config_overrides"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from proscale.convert.detectron2 import detectron2_to_proscale
 from proscale.convert.hf import hf_to_proscale
 from proscale.convert.io import as_tensor_dict, strip_common_prefix
 from proscale.convert.proscale_official import official_encoder_config, proscale_official_to_proscale
-from proscale.utils.safe_load import RestrictedUnpickler, UnsafeFileError, load_pickle, torch_load
+from proscale.utils.safe_load import UnsafeFileError, file_kind, load_pickled, torch_load
 from proscale.weights.architecture import derive_overrides, encoder_levels, hf_config_overrides
 
 FORMATS = ("lightning", "state_dict", "proscale_official", "detectron2", "hf")
@@ -39,7 +38,6 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # safetensors header keys written by scripts/convert_weights.py (JSON strings)
 METADATA_PREFIX = "proscale."
 _METADATA_FIELDS = ("model_config", "derived_overrides", "meta", "inference", "test_transforms")
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a non-zip torch.save file
 _OUR_ROOTS = ("backbone.", "pixel_decoder.", "transformer_decoder.")
 
 
@@ -74,10 +72,10 @@ def read_weights(path: str | os.PathLike, *, use_ema: bool = True, allow_unsafe:
             return _read_hf_folder(path, allow_unsafe)
         if not path.is_file():
             raise ValueError(f"weights {path}: no such file or folder")
-        kind = _sniff(path)
+        kind = file_kind(path, "weights")
         if kind == "safetensors":
             return _from_safetensors(path)
-        raw = _load_pickled(path, kind, allow_unsafe)
+        raw = load_pickled(path, kind, allow_unsafe)
         return _classify(raw, path, use_ema)
     except UnsafeFileError:
         raise
@@ -89,37 +87,6 @@ def read_weights(path: str | os.PathLike, *, use_ema: bool = True, allow_unsafe:
 
 
 # ------------------------------------------------------------------ bytes -> objects
-def _sniff(path: Path) -> str:
-    """``safetensors`` | ``zip`` | ``pickle`` from the first bytes; ValueError for anything else."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and 8 < struct.unpack("<Q", head[:8])[0] + 8 <= size:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    raise ValueError(
-        f"weights {path}: unknown format (not safetensors, a torch.save file or a pickle; first bytes {head[:8]!r})"
-    )
-
-
-def _load_pickled(path: Path, kind: str, allow_unsafe: bool) -> Any:
-    if kind == "zip":
-        return torch_load(path, allow_unsafe=allow_unsafe)
-    # a plain pickle (detectron2 .pkl), or torch.save's legacy format, which pickles a magic number first
-    with path.open("rb") as f:
-        first = RestrictedUnpickler(f, path, encoding="latin1").load() if not allow_unsafe else None
-    if first == _TORCH_LEGACY_MAGIC:
-        return torch_load(path, allow_unsafe=allow_unsafe)
-    if allow_unsafe:
-        first = load_pickle(path, allow_unsafe=True)
-        if first == _TORCH_LEGACY_MAGIC:
-            return torch_load(path, allow_unsafe=True)
-    return first
-
-
 def _from_safetensors(path: Path) -> LoadedWeights:
     from safetensors import safe_open
 
@@ -248,7 +215,7 @@ def _read_hf_folder(folder: Path, allow_unsafe: bool) -> LoadedWeights:
     if not isinstance(config, dict) or config.get("model_type") != "mask2former":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"weights {config_path}: model_type is {found!r}, not 'mask2former'")
-    if _sniff(weights_path) == "safetensors":
+    if file_kind(weights_path, "weights") == "safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(weights_path))

@@ -10,21 +10,6 @@ from proscale.weights.formats import LoadedWeights
 PARTIAL_OPT_IN = "weights_allow_partial=true"
 
 
-def _names(items: list, limit: int = 8) -> str:
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-def describe(report: LoadReport) -> str:
-    parts = [
-        f"{len(report.missing)} missing" + (f" ({_names(report.missing)})" if report.missing else ""),
-        f"{len(report.unused)} unexpected" + (f" ({_names(report.unused)})" if report.unused else ""),
-        f"{len(report.mismatched)} reshaped"
-        + (f" ({_names([f'{k} {a} vs model {b}' for k, a, b in report.mismatched])})" if report.mismatched else ""),
-    ]
-    return "; ".join(parts)
-
-
 def load_weights_into(model: nn.Module, loaded: LoadedWeights, allow_partial: bool = False) -> LoadReport:
     """Copy ``loaded.state_dict`` into ``model`` and print a one-line report.
 
@@ -36,14 +21,14 @@ def load_weights_into(model: nn.Module, loaded: LoadedWeights, allow_partial: bo
     report = fit_report(model, loaded.state_dict)
     if not report.ok and not allow_partial:
         raise ValueError(
-            f"weights {source} do not fit the model: {describe(report)}. Build the model the file was made for "
+            f"weights {source} do not fit the model: {report.describe()}. Build the model the file was made for "
             f"(same model overrides), or pass {PARTIAL_OPT_IN} to load only the fitting keys (e.g. for another "
             "num_classes)"
         )
     load_into(model, loaded.state_dict, allow_partial=True)
     loaded_count = len(loaded.state_dict) - len(report.unused) - len(report.mismatched)
-    print(f"weights {source}: {loaded_count} tensors loaded; {describe(report)}", flush=True)
+    print(f"weights {source}: {loaded_count} tensors loaded; {report.describe()}", flush=True)
     return report
 
 
-__all__ = ["PARTIAL_OPT_IN", "describe", "load_weights_into"]
+__all__ = ["PARTIAL_OPT_IN", "load_weights_into"]

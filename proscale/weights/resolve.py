@@ -4,7 +4,9 @@
 they win over a stored config, and must agree with derived values (a foreign file's architecture is a fact,
 not a default). Two derived keys switch a whole node when it is configured otherwise: ``backbone.name``
 (a fresh node for that backbone; its ``pretrained`` file is dropped, the weights replace it) and
-``encoder._target_`` (the encoder class; the configured keys the new class accepts are kept, e.g. ``n_heads``).
+``encoder.name`` (the registered encoder; the configured keys the new encoder accepts are kept, e.g. ``n_heads``).
+An ``encoder._target_`` naming an encoder class (model configs stored before encoders were built by name, or the
+header of a file converted then) counts as that class's registered name.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from proscale.models.encoders import ENCODER_TARGET, ENCODERS, encoder_name
 from proscale.weights.formats import LoadedWeights
 
 BACKBONE_TARGET = "proscale.models.backbones.build_backbone"
 # command-line group choices and the model-config key that identifies the chosen node
-GROUP_KEYS = {"model/encoder": "encoder._target_", "model/backbone": "backbone.name"}
+GROUP_KEYS = {"model/encoder": "encoder.name", "model/backbone": "backbone.name"}
 NODE_KEYS = tuple(GROUP_KEYS.values())
 
 
@@ -72,24 +74,41 @@ def command_line_model_overrides() -> dict[str, Any]:
 
 
 def _group_value(group: str, name: str) -> Any:
-    """``model/encoder=m2f`` -> the ``_target_`` of conf/model/encoder/m2f.yaml (``name`` for backbones)."""
+    """``model/encoder=m2f`` -> the ``name`` in conf/model/encoder/m2f.yaml (likewise for backbones)."""
     from proscale.cli import CONFIG_DIR
 
     path = Path(CONFIG_DIR) / group / f"{name}.yaml"
     if not path.is_file():
         return None
     node = OmegaConf.load(path)
-    return node.get("name") if group == "model/backbone" else node.get("_target_")
+    return node.get("name")
 
 
-def _switch_encoder(cfg: DictConfig, target: str) -> str | None:
+def _with_encoder_names(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``encoder._target_=<encoder class>`` (older stored or converted files, explicit overrides) as ``encoder.name``."""
+    out = dict(overrides)
+    if "encoder._target_" in out:
+        target = out.pop("encoder._target_")
+        out["encoder.name"] = encoder_name({"_target_": target}) or target
+    return out
+
+
+def _node_value(cfg: DictConfig, key: str) -> Any:
+    if key == "encoder.name":
+        return encoder_name(cfg.get("encoder"))
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _switch_encoder(cfg: DictConfig, name: str) -> str | None:
     node = cfg.get("encoder")
-    if node is None or node.get("_target_") == target:
+    current = encoder_name(node)
+    if node is None or current == name:
         return None
-    accepted = inspect.signature(hydra.utils.get_class(target)).parameters
+    accepted = inspect.signature(ENCODERS.get(name)).parameters
     old = OmegaConf.to_container(node, resolve=False)
-    cfg.encoder = {"_target_": target, **{k: v for k, v in old.items() if k in accepted}}
-    return f"encoder {old.get('_target_')} -> {target}"
+    kept = {k: v for k, v in old.items() if k in accepted and k != "name"}
+    cfg.encoder = {"_target_": ENCODER_TARGET, "name": name, **kept}
+    return f"encoder {current or old.get('_target_')} -> {name}"
 
 
 def _switch_backbone(cfg: DictConfig, name: str) -> str | None:
@@ -122,13 +141,13 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
     Raises ``ValueError`` naming both values when an explicit override contradicts a derived one, or when an
     explicit key belongs to a node the file's architecture replaces and does not have.
     """
-    explicit = {k: _plain(v) for k, v in explicit.items()}
+    explicit = _with_encoder_names({k: _plain(v) for k, v in explicit.items()})
     if loaded.model_config:
         cfg = OmegaConf.create(loaded.model_config)
         with open_dict(cfg):
             _drop_backbone_file(cfg, explicit, loaded)
             for key, value in explicit.items():
-                stored = OmegaConf.select(cfg, key, default=None)
+                stored = _node_value(cfg, key)
                 if key in NODE_KEYS and not _same(stored, value):
                     raise ValueError(
                         f"{_group_of(key)} on the command line chooses {_show(value)}, but the weights {loaded.path} "
@@ -141,7 +160,7 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
                     )
         return cfg
 
-    derived = {k: _plain(v) for k, v in (loaded.derived_overrides or {}).items()}
+    derived = _with_encoder_names({k: _plain(v) for k, v in (loaded.derived_overrides or {}).items()})
     for key, value in derived.items():
         if key in explicit and not _same(explicit[key], value):
             given = (
@@ -151,25 +170,27 @@ def resolve_model_config(cfg_model: DictConfig, loaded: LoadedWeights, explicit:
             )
             raise ValueError(
                 f"{given} on the command line contradicts the weights {loaded.path} "
-                f"({loaded.format}), which need model.{key}={_show(value)}; drop the override or use other weights"
+                f"({loaded.format}), which need "
+                + (f"{_group_of(key)}={_show(value)}" if key in NODE_KEYS else f"model.{key}={_show(value)}")
+                + "; drop the override or use other weights"
             )
     cfg = cfg_model.copy()
     changes: list[str] = []
     with open_dict(cfg):
         switched = [
             _switch_backbone(cfg, derived["backbone.name"]) if "backbone.name" in derived else None,
-            _switch_encoder(cfg, derived["encoder._target_"]) if "encoder._target_" in derived else None,
+            _switch_encoder(cfg, derived["encoder.name"]) if "encoder.name" in derived else None,
         ]
         changes += [s for s in switched if s]
         for key, value in derived.items():
-            if key in ("backbone.name", "encoder._target_"):
+            if key in NODE_KEYS:
                 continue
             current = OmegaConf.select(cfg, key, default=None)
             if not _same(current, value):
                 OmegaConf.update(cfg, key, value, merge=False, force_add=True)
                 changes.append(f"{key}={_show(value)} (was {_show(current)})")
         for key, value in explicit.items():  # a switched node lost the user's values: put back those it has
-            if key in derived or _same(OmegaConf.select(cfg, key, default=None), value):
+            if key in derived or _same(_node_value(cfg, key), value):
                 continue
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             node = OmegaConf.select(cfg, parent) if parent else cfg

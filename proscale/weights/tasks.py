@@ -15,7 +15,7 @@ from proscale.weights.resolve import command_line_model_overrides, resolve_model
 def read_weights_from_cfg(cfg: DictConfig, path: str | None = None) -> LoadedWeights | None:
     """``read_weights(path or cfg.weights, use_ema=cfg.weights_ema, allow_unsafe=cfg.allow_unsafe_load)``; None
     when neither is set. Every app reads its weights through here (eval / predict resolve ``path`` first:
-    :func:`proscale.stored_run.weights_path`)."""
+    :func:`proscale.tasks.stored_run.weights_path`)."""
     path = path or cfg.get("weights")
     if path in (None, "", "null"):
         return None

@@ -1,7 +1,7 @@
 """The prediction task: images -> COCO panoptic / instance results, semantic maps and labelled overlays.
 
 Everything comes from the weights (:func:`load_predictor`): the model, the class metadata, the inference
-settings the run was scored with and its test-time transform, so ``scripts/evaluate.py`` on the output of a
+settings the run was scored with and its test-time transform, so ``scripts/score_coco.py`` on the output of a
 split scores what ``scripts/eval.py`` reports for it. Command-line values win (printed): ``model.*``,
 ``object_mask_threshold`` / ``overlap_threshold`` / ``topk_per_image``, ``test_transforms`` or ``short_side``.
 
@@ -41,18 +41,18 @@ from proscale.data.collate import collate_batch
 from proscale.data.common import make_item
 from proscale.data.image_io import read_rgb_image
 from proscale.data.transforms import Compose, Sample
-from proscale.metrics.export import coco_categories, panoptic_to_coco, write_json_atomic, write_png_atomic
+from proscale.metrics.export import coco_categories, panoptic_to_coco
 from proscale.metrics.instance import instance_results
 from proscale.models.inference import Mask2FormerInference
-from proscale.stored_run import (
+from proscale.structures import DatasetMeta
+from proscale.tasks.stored_run import (
     build_test_transform,
     merged_settings,
     read_weights_of,
     skip_backbone_pretraining_weights,
     stored_meta,
 )
-from proscale.structures import DatasetMeta
-from proscale.utils.io import read_json
+from proscale.utils.io import atomic_write_json, atomic_write_png, read_json
 from proscale.utils.logging_utils import get_logger
 from proscale.utils.task import task_wrapper
 from proscale.utils.visualize import labelled_overlay
@@ -292,12 +292,12 @@ class PredictionWriter:
         overlay = labelled_overlay(
             rgb, segment_ids.cpu().numpy(), segments, self.meta.class_names, self.meta.colors, alpha=self.alpha
         )
-        write_png_atomic(self.out_dir / "panoptic" / png_name, panoptic_rgb)
+        atomic_write_png(self.out_dir / "panoptic" / png_name, panoptic_rgb)
         if "sem_seg" in prediction:
             classes = prediction["sem_seg"].argmax(0).cpu().numpy()
             dtype = np.uint8 if self.meta.num_classes <= 256 else np.uint16
-            write_png_atomic(self.out_dir / "semantic" / png_name, classes.astype(dtype))
-        write_png_atomic(self.out_dir / "overlays" / png_name, overlay)
+            atomic_write_png(self.out_dir / "semantic" / png_name, classes.astype(dtype))
+        atomic_write_png(self.out_dir / "overlays" / png_name, overlay)
         self.panoptic.append(annotation)
         self.instances.extend(instances)
         self.images.append({"id": image_id, "file_name": path.name, "height": rgb.shape[0], "width": rgb.shape[1]})
@@ -310,16 +310,17 @@ class PredictionWriter:
 
     def finish(self, summary: dict[str, Any]) -> None:
         order = {image["id"]: index for index, image in enumerate(self.images)}
-        write_json_atomic(
+        atomic_write_json(
             self.out_dir / "panoptic.json",
             {
                 "annotations": sorted(self.panoptic, key=lambda a: order[a["image_id"]]),
                 "categories": coco_categories(self.meta),
                 "images": self.images,
             },
+            compact=True,
         )
-        write_json_atomic(self.out_dir / "instances.json", self.instances)
-        write_json_atomic(self.out_dir / "summary.json", {**summary, "failed": self.failed})
+        atomic_write_json(self.out_dir / "instances.json", self.instances, compact=True)
+        atomic_write_json(self.out_dir / "summary.json", {**summary, "failed": self.failed})
 
 
 # ------------------------------------------------------------------------------------------------ the task

@@ -1,7 +1,7 @@
 """The evaluation task: ``evaluate(cfg)`` scores weights on the test split and writes ``results.json``.
 
 ``weights=PATH`` (or its alias ``ckpt_path=PATH`` / ``ckpt_path=last``) is required. What the weights store
-decides how they are scored (:mod:`proscale.stored_run`): the model is built from the stored model config, the
+decides how they are scored (:mod:`proscale.tasks.stored_run`): the model is built from the stored model config, the
 stored inference settings (``module.inference.*``) and test-time transforms (``data.test_transforms``) replace the
 configured ones, and the EMA weights are evaluated when the run evaluated with them (``weights_ema=false``: the
 raw ones). What is given on the command line (``model.*``, ``module.inference.*``, ``data.test_transforms``)
@@ -18,18 +18,18 @@ import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from proscale.stored_run import (
-    check_meta_matches,
-    merged_settings,
-    read_weights_of,
-    skip_backbone_pretraining_weights,
-)
-from proscale.train import (
+from proscale.tasks.run import (
     build_datamodule_and_module,
     build_trainer,
     collect_results,
     finish_run,
     wandb_settings,
+)
+from proscale.tasks.stored_run import (
+    check_meta_matches,
+    merged_settings,
+    read_weights_of,
+    skip_backbone_pretraining_weights,
 )
 from proscale.utils.hydra_utils import command_line_overrides
 from proscale.utils.run_info import run_tags

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Score COCO-format prediction files offline.
 
-    python scripts/evaluate.py --task panoptic --gt-json F --gt-dir D --pred-json F --pred-dir D [--out M.json]
-    python scripts/evaluate.py --task instance --gt-json F --pred-json F [--gt-dir D] [--out M.json]
+    python scripts/score_coco.py --task panoptic --gt-json F --gt-dir D --pred-json F --pred-dir D [--out M.json]
+    python scripts/score_coco.py --task instance --gt-json F --pred-json F [--gt-dir D] [--out M.json]
 
 Panoptic: panopticapi formats (PNG ids RGB-encoded). Instance: COCO results with RLE masks against a COCO
 instance GT JSON, or against the thing segments of a panoptic GT JSON when ``--gt-dir`` holds its PNGs.
@@ -20,10 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from proscale.metrics.coco_files import default_workers, evaluate_instance_files, evaluate_panoptic_files  # noqa: E402
-from proscale.metrics.export import write_json_atomic  # noqa: E402
+from proscale.metrics.coco_files import evaluate_instance_files, evaluate_panoptic_files, scoring_workers
+from proscale.utils.io import atomic_write_json
 
 
 def _fmt(v: float) -> str:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
     parser.add_argument("--per-class-out", type=Path, help="write the per-class rows here as JSON")
     parser.add_argument("--show-per-class", action="store_true", help="also print the per-class table")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="processes reading PNGs")
+    parser.add_argument("--workers", type=int, default=scoring_workers(), help="processes reading PNGs")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -91,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print_per_class(per_class, console)
     if args.out:
         clean = {k: None if math.isnan(v) else int(v) if k.startswith("num_classes") else v for k, v in metrics.items()}
-        write_json_atomic(args.out, clean)
+        atomic_write_json(args.out, clean)
         console.print(f"metrics written to {args.out}")
     if args.per_class_out:
-        write_json_atomic(args.per_class_out, per_class)
+        atomic_write_json(args.per_class_out, per_class)
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "scripts" / "train.py")
 
 # Tiny, deterministic runs: no augmentation, no validation or test, 1 thread per process.
@@ -23,6 +23,20 @@ TINY = [
     "callbacks.compute_stats.timing_runs=0",
     "data.train_transforms=[]",
 ]
+
+
+def short_run(tmp: Path, num_train: int, steps: int) -> list[str]:
+    """TINY in ``tmp`` (logs, data) with ``num_train`` training images, ``steps`` steps, no validation or test."""
+    return [
+        *TINY,
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.data_dir={tmp / 'data'}",
+        f"data.num_train={num_train}",
+        "data.num_val=2",
+        f"steps={steps}",
+        "test=false",
+        "trainer.limit_val_batches=0",
+    ]
 
 
 def free_port() -> int:

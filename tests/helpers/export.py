@@ -8,6 +8,8 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
+from proscale.models.encoders import ENCODER_TARGET
+
 BACKBONES = {
     "tiny": {"_target_": "proscale.models.backbones.build_backbone", "name": "timm", "model_name": "resnet10t"},
     "r50": {"_target_": "proscale.models.backbones.build_backbone", "name": "r50"},
@@ -26,9 +28,9 @@ META = {
 def model_config(encoder: str = "proscale", schedule=(1, 1, 1), lpe: bool = True, backbone: str = "tiny") -> dict:
     """A tiny Mask2Former config (32 channels, 6 queries, 2 decoder layers, 3 classes) as the checkpoints store."""
     if encoder == "m2f":
-        enc = {"_target_": "proscale.models.encoders.M2FEncoder", "d_model": DIM, "num_layers": 2}
+        enc = {"_target_": ENCODER_TARGET, "name": "m2f", "d_model": DIM, "num_layers": 2}
     else:
-        enc = {"_target_": "proscale.models.encoders.ProScaleEncoder", "d_model": DIM, "schedule": list(schedule)}
+        enc = {"_target_": ENCODER_TARGET, "name": "proscale", "d_model": DIM, "schedule": list(schedule)}
     enc.update(n_heads=2, dim_feedforward=64)
     return {
         "_target_": "proscale.models.Mask2Former",

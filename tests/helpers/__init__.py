@@ -1,0 +1,1 @@
+"""Code shared by several test modules (imported as ``helpers.<module>``; ``tests/`` is on the import path)."""
