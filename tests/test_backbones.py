@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.small_models import SMALL_SWIN
 from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -12,15 +13,6 @@ from proscale.models.backbones import BACKBONES, _PadFirstSwinBlock, build_backb
 
 # kwargs per registered backbone (a small timm model for the generic entry; a non-default drop-path)
 BACKBONE_KWARGS = {"timm": {"model_name": "convnext_atto"}, "swin_t": {"drop_path_rate": 0.1}}
-# a small Swin (same code path as Swin-T) for the checkpoint-loading tests
-SMALL_SWIN = dict(
-    model_name="swin_tiny_patch4_window7_224",
-    embed_dim=32,
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 4, 8),
-    strict_img_size=False,
-    always_partition=True,
-)
 
 
 @pytest.fixture(scope="module", params=BACKBONES.names())

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.detectron2_names import TO_DETECTRON2
+from helpers.small_models import SMALL_SWIN
 from safetensors.torch import save_file
 
 from proscale.convert import detectron2_to_proscale, hf_to_proscale, load_into, read_state_dict
@@ -19,16 +20,7 @@ from proscale.models import Mask2Former, build_backbone
 from proscale.models.encoders import M2FEncoder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_weights.py"
-SMALL_SWIN = dict(
-    model_name="swin_tiny_patch4_window7_224",
-    embed_dim=32,
-    depths=(1, 1, 2, 1),
-    num_heads=(1, 2, 4, 8),
-    strict_img_size=False,
-    always_partition=True,
-    output_norms=True,
-)
-BACKBONES = {"resnet": dict(model_name="resnet26"), "swin": SMALL_SWIN}
+BACKBONES = {"resnet": dict(model_name="resnet26"), "swin": {**SMALL_SWIN, "output_norms": True}}
 
 def tiny_model(backbone: str, lpe: bool = False, seed: int = 0, num_classes: int = 3) -> Mask2Former:
     torch.manual_seed(seed)
