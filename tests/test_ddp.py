@@ -130,7 +130,7 @@ def test_forward_is_bitwise_batch_invariant(tmp_path, overrides):
             torch.testing.assert_close(aux[key], expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("encoder", ["m2f", pytest.param("proscale", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("encoder", ["m2f", "proscale"])
 def test_ddp_sim_first_step_matches_single_process(tmp_path, encoder):
     data_dir = tmp_path / "data"
     single = _first_step(tmp_path, data_dir, "single", "trainer=cpu", "data.batch_size=2", f"model/encoder={encoder}")

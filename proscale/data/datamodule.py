@@ -52,8 +52,8 @@ def _source(dataset: Dataset) -> str:
     return f" ({path})" if path else ""
 
 
-def lsj_recipe(size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0) -> list:
-    """COCO large-scale jitter: flip, scale 0.1-2.0 of ``size``, crop/pad to ``size``."""
+def lsj_recipe(size: int | tuple[int, int] = 1024, min_scale: float = 0.1, max_scale: float = 2.0) -> list:
+    """COCO large-scale jitter: flip, scale 0.1-2.0 of ``size`` (an int or (H, W)), crop/pad to ``size``."""
     return [RandomFlip(), ResizeScale(min_scale, max_scale, size), FixedSizeCrop(size)]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from proscale.data.coco_panoptic import PanopticDataModule
+from proscale.data.datamodule import lsj_recipe
 from proscale.data.synthetic import SyntheticConfig, ensure_synthetic, is_current, synthetic_meta
-from proscale.data.transforms import FixedSizeCrop, RandomFlip, ResizeScale
 
 SYNTHETIC_LAYOUT = """\
 <root>/                               default data/synthetic (generated; scripts/make_synthetic.py)
@@ -36,8 +36,7 @@ class SyntheticDataModule(PanopticDataModule):
 
     def default_train_transforms(self) -> list:
         """LSJ scaled to the images (0.5-1.5: COCO's 0.1 would shrink 8 px objects below a pixel)."""
-        size = (self.generator_config.height, self.generator_config.width)
-        return [RandomFlip(), ResizeScale(0.5, 1.5, size), FixedSizeCrop(size)]
+        return lsj_recipe((self.generator_config.height, self.generator_config.width), 0.5, 1.5)
 
     def __init__(
         self,
