@@ -131,7 +131,9 @@ def test_forward_is_bitwise_batch_invariant(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("encoder", ["m2f", "proscale"])
-def test_ddp_sim_first_step_matches_single_process(tmp_path, encoder):
+def test_ddp_sim_first_step_matches_single_process(tmp_path, encoder, monkeypatch):
+    # Lightning's spawn launcher leaves MASTER_PORT set in this process: a second launch would find it still taken
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     data_dir = tmp_path / "data"
     single = _first_step(tmp_path, data_dir, "single", "trainer=cpu", "data.batch_size=2", f"model/encoder={encoder}")
     ddp = _first_step(
