@@ -432,8 +432,8 @@ def bench_train_step(bench: Bench) -> None:
 
     timing = time_fn(step, warmup=2, repeats=bench.repeats, device=bench.device, batch_size=batch, clock=bench.clock)
     bench.values["train_step"] = {
-        "preset": "conf/experiment/cpu_synthetic.yaml (PRO-SCALE (3,3,3) + LPE, "
-        f"{cfg.model.backbone.model_name}, d={cfg.model.conv_dim})",
+        "preset": f"conf/experiment/cpu_synthetic.yaml (PRO-SCALE {tuple(cfg.model.encoder.schedule)}"
+        f"{' + LPE' if cfg.model.lpe else ''}, {cfg.model.backbone.model_name}, d={cfg.model.conv_dim})",
         "batch_size": batch,
         "image_size": list(size),
         "step_ms": timing.median_ms,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from proscale.lightning.backbone_pretrain import IGNORE_INDEX, BackbonePretrainModule, pretrain_backbone, semantic_map
 from proscale.models.backbones import TimmBackbone
@@ -63,6 +64,30 @@ def test_pretrain_writes_a_loadable_cached_checkpoint(tmp_path):
     assert again == path and info2["cached"] is True and path.stat().st_mtime_ns == mtime
     other, _ = pretrain_backbone(_cfg(tmp_path, "pretrain.steps=2"))
     assert other != path and other.is_file()
+
+
+def test_pretrain_batch_size_overrides_the_data_batch_and_names_another_file(tmp_path, monkeypatch):
+    """`pretrain.batch_size` sets the pre-training's batch alone (the Mask2Former training keeps data.batch_size);
+    null keeps the file names of backbones cached before the option existed."""
+    from proscale.lightning import backbone_pretrain
+
+    seen = []
+    original = backbone_pretrain._train_loader
+    monkeypatch.setattr(backbone_pretrain, "_train_loader", lambda dm: seen.append(dm.batch_size) or original(dm))
+    default_cfg = _cfg(tmp_path, "pretrain.steps=1")
+    default_path, default_info = pretrain_backbone(default_cfg)
+    path, info = pretrain_backbone(_cfg(tmp_path, "pretrain.steps=1", "pretrain.batch_size=3"))
+    assert seen == [default_cfg.data.batch_size, 3] and default_cfg.data.batch_size != 3
+    assert default_info["batch_size"] == default_cfg.data.batch_size and info["batch_size"] == 3
+    assert path != default_path
+    unset = _cfg(tmp_path)
+    assert unset.pretrain.batch_size is None
+    before_the_option = _cfg(tmp_path)
+    with open_dict(before_the_option):
+        del before_the_option.pretrain["batch_size"]
+    assert backbone_pretrain._cache_key(unset) == backbone_pretrain._cache_key(before_the_option)
+    with pytest.raises(ValueError, match="pretrain.batch_size"):
+        pretrain_backbone(_cfg(tmp_path, "pretrain.steps=1", "pretrain.batch_size=0"))
 
 
 def test_channels_last_training_step_matches_the_default_layout():

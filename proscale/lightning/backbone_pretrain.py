@@ -166,6 +166,8 @@ def _cache_key(cfg: DictConfig) -> str:
         relevant["backbone"].pop(drop, None)
         relevant["data"].pop(drop, None)
     relevant["data"].pop("root", None)
+    if relevant["pretrain"].get("batch_size") is None:  # null = data.batch_size (hashed with data): names unchanged
+        relevant["pretrain"].pop("batch_size", None)
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -181,7 +183,7 @@ def pretrain_backbone(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """Return ``(checkpoint path, info)`` of the backbone pre-trained as ``cfg.pretrain`` says; trains it
     (in this process, on ``cfg.trainer.accelerator``) unless the cache already holds it.
 
-    ``cfg.pretrain``: ``steps``, ``lr``, ``weight_decay``, ``class_balanced``, ``cache_dir``, ``seed`` (null = the
+    ``cfg.pretrain``: ``steps``, ``batch_size`` (null = ``cfg.data.batch_size``), ``lr``, ``weight_decay``, ``class_balanced``, ``cache_dir``, ``seed`` (null = the
     run's seed).
     """
     settings = cfg.pretrain
@@ -214,7 +216,13 @@ def _pretrain_or_reuse(cfg: DictConfig, path: Path, steps: int) -> tuple[Path, d
     seed = pretrain_seed(cfg)
     if seed is not None:
         L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    data_cfg = cfg.data
+    batch_size = settings.get("batch_size")
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"pretrain.batch_size must be >= 1 or null (= data.batch_size), got {batch_size}")
+        data_cfg = OmegaConf.merge(cfg.data, {"batch_size": int(batch_size)})
+    datamodule = hydra.utils.instantiate(data_cfg)
     num_classes = datamodule.meta.num_classes
     backbone_cfg = OmegaConf.to_container(cfg.model.backbone, resolve=True)
     backbone_cfg["pretrained"] = None
@@ -246,6 +254,7 @@ def _pretrain_or_reuse(cfg: DictConfig, path: Path, steps: int) -> tuple[Path, d
     info = {
         "backbone": backbone_cfg,
         "steps": steps,
+        "batch_size": datamodule.batch_size,
         "lr": float(settings.lr),
         "class_balanced": module.class_balanced,
         "pixel_accuracy": module.pixel_accuracy,
