@@ -33,7 +33,7 @@ test: lint
 test-all: lint
 	$(PY) -m pytest -q -m ''
 
-## The main job on the embedded default: synthetic data, PRO-SCALE (3,3,3) + LPE, CPU.
+## The main job on the embedded default: synthetic data, PRO-SCALE (3,3,3) (LPE off: benchmarks/MAIN_JOB.md), CPU.
 ## `make train` and `make ablation` assume the machine is theirs: OpenMP's own spin-then-sleep wait, faster alone
 ## (benchmarks/shared_cpu.md: 0.40 vs 0.61 s/step with the apps' PASSIVE default); an exported OMP_WAIT_POLICY wins
 ## (`OMP_WAIT_POLICY=PASSIVE make train` on a machine shared with other jobs).
