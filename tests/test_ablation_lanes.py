@@ -199,3 +199,19 @@ def test_tiny_ablation_end_to_end_in_two_lanes(tmp_path):
     table = (sweep / "ablation.md").read_text()
     assert "ms/img @ 64x64" in table and "ms/img @ 96x128" in table and "round-robin" in table
     assert (sweep / "pq_vs_gflops.png").stat().st_size > 1000
+
+
+def test_ablation_script_takes_options_between_the_overrides():
+    """`make ablation ARGS="--no-timing steps=5"` puts the option after the Makefile's experiment=...: accepted."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("proscale_scripts_ablation", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["experiment=cpu_ablation", "--no-timing", "steps=5", "--lanes", "1", "seed=0,1"])
+    assert args.overrides == ["experiment=cpu_ablation", "steps=5", "seed=0,1"]
+    assert args.no_timing is True and args.lanes == 1
+    assert module.parse_args(["experiment=cpu_ablation"]).no_timing is False
+    with pytest.raises(SystemExit):
+        module.parse_args(["--lanes", "0", "experiment=cpu_ablation"])
