@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -233,3 +234,27 @@ def test_thing_fills_choose_how_instances_are_filled():
     assert max(mixed) > 15
     with pytest.raises(ValueError, match="thing_fills"):
         SyntheticConfig(thing_fills=("plaid",))
+
+
+def test_a_killed_generators_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """A SIGKILLed writer cannot clean up; the next ensure_synthetic removes its folder, but never the folder of a
+    writer that still runs (this process) or one another host wrote (shared file systems)."""
+    import subprocess
+    import sys
+
+    from proscale.utils.io import host_temporary_sibling, remove_abandoned_siblings
+
+    root = tmp_path / "synthetic"
+    prefix = host_temporary_sibling(root).name.rsplit("-", 2)[0] + "-"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f"{prefix}{int(dead.stdout)}-deadbeef"
+    running = tmp_path / f"{prefix}{os.getpid()}-cafef00d"
+    other_host = tmp_path / f".synthetic.tmp-some-other-node-{int(dead.stdout)}-0badc0de"
+    for folder in (abandoned, running, other_host):
+        (folder / "images").mkdir(parents=True)
+    assert remove_abandoned_siblings(root) == [abandoned]
+    assert not abandoned.exists() and running.exists() and other_host.exists()
+    ensure_synthetic(root, SyntheticConfig(num_train=2, num_val=1))
+    assert (root / synthetic.PARAMS_FILE).is_file()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".synthetic"))
+    assert leftovers == sorted([running.name, other_host.name])

@@ -307,3 +307,15 @@ def test_a_label_at_the_border_stays_whole_inside_the_panel():
     middle_left, middle_right = label_box(31)
     # on the left border the label is shifted right, whole: as wide as in the middle, starting at column 0
     assert left == 0 and right - left == middle_right - middle_left > 40
+
+
+def test_panel_titles_count_the_drawn_segments_in_singular_and_plural():
+    from proscale.utils.visualize import _segment_count
+
+    ids = np.zeros((4, 4), dtype=np.int64)
+    ids[0, 0], ids[1, 1] = 1, 2
+    assert _segment_count(ids, [{"id": 1}]) == "1 segment"
+    assert _segment_count(ids, [{"id": 1}, {"id": 2}]) == "2 segments"
+    # a segment without a pixel in the map is not drawn, so it is not counted
+    assert _segment_count(ids, [{"id": 1}, {"id": 7}]) == "1 segment"
+    assert _segment_count(ids, []) == "0 segments"

@@ -41,6 +41,7 @@ from pycocotools import mask as mask_utils
 
 from proscale.data.image_io import id_to_rgb
 from proscale.structures import DatasetMeta
+from proscale.utils.io import host_temporary_sibling, remove_abandoned_siblings
 
 GENERATOR_VERSION = 1
 PARAMS_FILE = "synthetic.json"
@@ -423,7 +424,8 @@ def ensure_synthetic(root: str | Path, cfg: SyntheticConfig | None = None, worke
             "refusing to overwrite it: choose another data path or remove the folder"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_abandoned_siblings(root)  # what a SIGKILLed generator left; never a folder another writer still uses
+    tmp = host_temporary_sibling(root)
     try:
         write_synthetic(tmp, cfg, workers)
         if is_current(root, cfg):  # another process (e.g. a DDP rank on another node) finished first

@@ -4,8 +4,9 @@ never sees a half-written JSON, PNG, table, plot, checkpoint or weight file.
 The pattern: write a temporary file in the destination's folder (same file system, so the rename cannot cross
 devices), flush and ``fsync`` it, then ``os.replace`` it over the destination, which POSIX guarantees to be atomic.
 A SIGKILL before the rename leaves the old file intact and at most a ``.<name>.tmp-<pid>-<random>`` leftover, which
-:func:`remove_stale_temporaries` cleans up (folders written whole, such as the generated dataset, use the same
-marker). One name per kind of file:
+:func:`remove_stale_temporaries` cleans up. Folders written whole beside other writers, such as the generated dataset,
+use :func:`host_temporary_sibling` (host and pid in the name) and :func:`remove_abandoned_siblings`, which removes only
+what a dead process of this host left. One name per kind of file:
 
 =============================  ==============================================================
 :func:`atomic_write`           any content, given a function that writes to a binary handle
@@ -28,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -147,6 +149,47 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
             candidate.unlink(missing_ok=True)
         else:  # inside a folder removed above
             continue
+        removed.append(candidate)
+    return removed
+
+
+def _host_prefix(path: Path) -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+    return f".{path.name}{TMP_MARKER}{host}-"
+
+
+def host_temporary_sibling(path: str | os.PathLike) -> Path:
+    """``.<name>.tmp-<host>-<pid>-<random>`` next to ``path``: for writers that share a folder with other
+    processes (or other nodes of a shared file system), so :func:`remove_abandoned_siblings` can tell whose it is."""
+    path = Path(path)
+    return path.with_name(f"{_host_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_abandoned_siblings(path: str | os.PathLike) -> list[Path]:
+    """Delete the :func:`host_temporary_sibling` files and folders of ``path`` whose writer was killed (SIGKILL,
+    power loss); returns them. Unlike :func:`remove_stale_temporaries` it is safe while other writers run: it
+    removes only what this host's processes that no longer exist wrote, never another node's work in progress."""
+    path = Path(path)
+    prefix = _host_prefix(path)
+    removed = []
+    for candidate in sorted(path.parent.glob(f"{prefix}*")):
+        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 

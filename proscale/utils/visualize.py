@@ -317,7 +317,7 @@ def comparison_row(sample: dict, class_names: list[str], colors: list | None = N
             sample["image"], sample["gt_segment_ids"], sample["gt_segments"], class_names, colors,
             min_side=min_side, empty_message=NO_GT_SEGMENTS,
         )  # fmt: skip
-        gt_title = f"ground truth ({_drawn(sample['gt_segment_ids'], sample['gt_segments'])} segments)"
+        gt_title = f"ground truth ({_segment_count(sample['gt_segment_ids'], sample['gt_segments'])})"
     else:
         gt, gt_classes, gt_title = message_panel(NO_GROUND_TRUTH, *image.shape[:2]), [], "ground truth"
     prediction, predicted_classes = draw_labelled_segments(
@@ -326,7 +326,7 @@ def comparison_row(sample: dict, class_names: list[str], colors: list | None = N
     panels = [
         _titled(image, str(sample.get("file_name") or "image")),
         _titled(gt, gt_title),
-        _titled(prediction, f"prediction ({_drawn(sample['segment_ids'], sample['segments'])} segments; class score)"),
+        _titled(prediction, f"prediction ({_segment_count(sample['segment_ids'], sample['segments'])}; class score)"),
     ]
     row = hstack(panels, gap=4)
     legend = legend_panel(
@@ -338,6 +338,12 @@ def comparison_row(sample: dict, class_names: list[str], colors: list | None = N
 def _drawn(segment_ids: np.ndarray, segments: list[dict]) -> int:
     """How many of ``segments`` have a pixel in ``segment_ids``."""
     return int(np.isin([s["id"] for s in segments], segment_ids).sum()) if segments else 0
+
+
+def _segment_count(segment_ids: np.ndarray, segments: list[dict]) -> str:
+    """"1 segment", "3 segments": the drawn segments, for a panel title."""
+    count = _drawn(segment_ids, segments)
+    return f"{count} segment" if count == 1 else f"{count} segments"
 
 
 def comparison_grid(
