@@ -1,0 +1,50 @@
+"""Mask2Former step with backbone stages frozen, configurations timed round-robin in one process (probe).
+
+    PROSCALE_DATA=/path/to/data python benchmarks/main_job/probes/freeze_round_robin.py
+"""
+
+import time
+
+import torch
+from _setup import compose_main_job
+
+from proscale.tasks.run import build_datamodule_and_module
+
+cfg = compose_main_job()
+torch.set_num_threads(2)
+datamodule, module = build_datamodule_and_module(cfg)
+datamodule.prepare_data()
+datamodule.setup("fit")
+loader = iter(datamodule.train_dataloader())
+optimizer = module.optimizer_factory(module.model)
+module.model.train()
+batches = [next(loader) for _ in range(10)]
+body = module.model.backbone.body
+configurations = {"nothing": [], "stem+s1": ["stem", "s1"], "stem..s2": ["stem", "s1", "s2"], "backbone": ["stem", "s1", "s2", "s3", "s4"]}
+
+
+def freeze(prefixes):
+    for name, parameter in body.named_parameters():
+        parameter.requires_grad_(not any(name.startswith(p + ".") for p in prefixes))
+
+
+def step(batch):
+    outputs = module.model(batch["images"])
+    loss = module.criterion.total_loss(module.criterion(outputs, batch["targets"]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+for batch in batches[:3]:
+    step(batch)
+times = {name: [] for name in configurations}
+for _ in range(3):
+    for name, prefixes in configurations.items():
+        freeze(prefixes)
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        times[name].append((time.perf_counter() - start) / len(batches) * 1000)
+for name, values in times.items():
+    print(f"frozen {name:9s}: " + " / ".join(f"{v:.0f}" for v in values) + " ms/step")
