@@ -37,3 +37,29 @@ def compose_main_job(*overrides: str, with_backbone: bool = True):
         base += [f"model.backbone.pretrained={cached_backbone(folder)}", "pretrain=none"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=base + list(overrides))
+
+
+def prepared_training(cfg, num_batches: int):
+    """(module, optimizer, batches): the main job's Lightning module in train mode, its AdamW and ``num_batches``
+    training batches loaded up front (so the probes time the step, not the data)."""
+    import torch
+
+    from proscale.tasks.run import build_datamodule_and_module
+
+    torch.set_num_threads(2)
+    datamodule, module = build_datamodule_and_module(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    optimizer = module.optimizer_factory(module.model)
+    module.model.train()
+    return module, optimizer, [next(loader) for _ in range(num_batches)]
+
+
+def train_step(module, optimizer, batch) -> None:
+    """One Mask2Former step as Lightning runs it: forward, criterion, backward, AdamW."""
+    outputs = module.model(batch["images"])
+    loss = module.criterion.total_loss(module.criterion(outputs, batch["targets"]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()

@@ -5,20 +5,9 @@
 
 import time
 
-import torch
-from _setup import compose_main_job
+from _setup import compose_main_job, prepared_training, train_step
 
-from proscale.tasks.run import build_datamodule_and_module
-
-cfg = compose_main_job()
-torch.set_num_threads(2)
-datamodule, module = build_datamodule_and_module(cfg)
-datamodule.prepare_data()
-datamodule.setup("fit")
-loader = iter(datamodule.train_dataloader())
-optimizer = module.optimizer_factory(module.model)
-module.model.train()
-batches = [next(loader) for _ in range(10)]
+module, optimizer, batches = prepared_training(compose_main_job(), 10)
 body = module.model.backbone.body
 configurations = {"nothing": [], "stem+s1": ["stem", "s1"], "stem..s2": ["stem", "s1", "s2"], "backbone": ["stem", "s1", "s2", "s3", "s4"]}
 
@@ -28,23 +17,15 @@ def freeze(prefixes):
         parameter.requires_grad_(not any(name.startswith(p + ".") for p in prefixes))
 
 
-def step(batch):
-    outputs = module.model(batch["images"])
-    loss = module.criterion.total_loss(module.criterion(outputs, batch["targets"]))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 for batch in batches[:3]:
-    step(batch)
+    train_step(module, optimizer, batch)
 times = {name: [] for name in configurations}
 for _ in range(3):
     for name, prefixes in configurations.items():
         freeze(prefixes)
         start = time.perf_counter()
         for batch in batches:
-            step(batch)
+            train_step(module, optimizer, batch)
         times[name].append((time.perf_counter() - start) / len(batches) * 1000)
 for name, values in times.items():
     print(f"frozen {name:9s}: " + " / ".join(f"{v:.0f}" for v in values) + " ms/step")
