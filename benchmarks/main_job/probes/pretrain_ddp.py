@@ -3,6 +3,7 @@
     PROSCALE_DATA=/path/to/data P=1 python benchmarks/main_job/probes/pretrain_ddp.py     # batch 8, 2 threads
     PROSCALE_DATA=/path/to/data P=2 python benchmarks/main_job/probes/pretrain_ddp.py     # 2 x (batch 4, 1 thread)
     B=4 T=1 P=1 ... (twice at once)                                                        # the same without gradient sync
+    COMPRESS=1 P=2 ...                                                                     # gradients all-reduced in fp16
 """
 
 import os
@@ -37,7 +38,13 @@ class StepTimer(L.Callback):
         print(f"rank {trainer.global_rank}: {per_step:.1f} ms/step, {torch.get_num_threads()} thread(s)", flush=True)
 
 
-strategy = {"strategy": "ddp_fork", "devices": processes} if processes > 1 else {"devices": 1}
+strategy = {"devices": 1}
+if processes > 1:
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hook = default_hooks.fp16_compress_hook if os.environ.get("COMPRESS") else None
+    strategy = {"strategy": DDPStrategy(start_method="fork", ddp_comm_hook=hook), "devices": processes}
 trainer = L.Trainer(
     accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
     enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
