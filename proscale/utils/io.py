@@ -41,7 +41,12 @@ TMP_MARKER = ".tmp-"
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """``.<name>.tmp-<pid>-<random>`` next to ``path``: unique per writer, found by :func:`remove_stale_temporaries`."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}{TMP_MARKER}{_writer_tag()}")
+
+
+def _writer_tag() -> str:
+    """``<pid>-<random>``: the end of every temporary name (:func:`remove_abandoned_siblings` reads the pid back)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -162,7 +167,7 @@ def host_temporary_sibling(path: str | os.PathLike) -> Path:
     """``.<name>.tmp-<host>-<pid>-<random>`` next to ``path``: for writers that share a folder with other
     processes (or other nodes of a shared file system), so :func:`remove_abandoned_siblings` can tell whose it is."""
     path = Path(path)
-    return path.with_name(f"{_host_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f"{_host_prefix(path)}{_writer_tag()}")
 
 
 def _pid_alive(pid: int) -> bool:
